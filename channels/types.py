@@ -129,6 +129,29 @@ class DeliveryResult(msgspec.Struct, kw_only=True):
     retry_after: float | None = None  # seconds, when the provider said so
 
 
+class DeliveryReceipt(msgspec.Struct, kw_only=True):
+    """A provider's later word on a reply we sent (SMS DLR, Messenger delivered/read, bounce)."""
+
+    v: int = 1
+    channel: str
+    account: str
+    provider_id: str | None = None  # the id the provider gave when we sent
+    message_id: int | None = None  # our outbound message id, when the provider echoes our reference
+    status: str  # "delivered" | "read" | "failed"
+    reason: str | None = None
+    at: float = msgspec.field(default_factory=time.time)
+
+
+class WebhookOutcome(msgspec.Struct, kw_only=True):
+    """What a channel's webhook handler decided: the HTTP answer and what to publish."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+    messages: list[RawInbound] = msgspec.field(default_factory=list)
+    receipts: list[DeliveryReceipt] = msgspec.field(default_factory=list)
+
+
 class BlobStore(Protocol):
     """Content-addressed storage for attachments and original messages."""
 
