@@ -1,0 +1,249 @@
+"""The agents' JSON API: login, queues, tickets with their history, replies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from ticketing import agents, replies
+from workers.runtime import Runtime
+
+SESSION_COOKIE = "loket_session"
+router = APIRouter(prefix="/api")
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+class Agent(BaseModel):
+    id: int
+    username: str
+    role: str
+    display_name: str | None = None
+
+
+async def current_agent(request: Request) -> Agent:
+    """The agent behind the bearer token or session cookie; 401 otherwise."""
+    token = None
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        token = header[7:].strip()
+    token = token or request.cookies.get(SESSION_COOKIE)
+    if not token:
+        raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Bearer"})
+    async with runtime(request).pool.acquire() as conn:
+        agent = await agents.agent_for_token(conn, token)
+    if agent is None:
+        raise HTTPException(401, "session expired or invalid", headers={"WWW-Authenticate": "Bearer"})
+    request.state.agent = agent
+    return Agent(**agent)
+
+
+def require_role(*roles: str):  # type: ignore[no-untyped-def]
+    """Dependency: the agent must have one of `roles` (admins may do everything)."""
+
+    async def check(agent: Annotated[Agent, Depends(current_agent)]) -> Agent:
+        if agent.role != "admin" and agent.role not in roles:
+            raise HTTPException(403, f"this needs the role {' or '.join(roles)}")
+        return agent
+
+    return check
+
+
+CurrentAgent = Annotated[Agent, Depends(current_agent)]
+
+
+class LoginRequest(BaseModel):
+    username: str = Field(min_length=1, max_length=200)
+    password: str = Field(min_length=1, max_length=1000)
+
+
+class LoginResponse(BaseModel):
+    token: str
+    agent: Agent
+
+
+@router.post("/login", response_model=LoginResponse, tags=["agents"])
+async def login(body: LoginRequest, request: Request, response: Response) -> LoginResponse:
+    """Exchange username and password for a bearer token (also set as an HttpOnly cookie)."""
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn:
+        agent = await agents.authenticate(conn, body.username, body.password)
+        if agent is None:
+            raise HTTPException(401, "wrong username or password")
+        token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
+    response.set_cookie(
+        SESSION_COOKIE, token, httponly=True, samesite="lax",
+        secure=request.url.scheme == "https", max_age=int(rt.settings.session_hours * 3600),
+    )
+    return LoginResponse(token=token, agent=Agent(**{k: agent[k] for k in ("id", "username", "role", "display_name")}))
+
+
+class TicketSummary(BaseModel):
+    id: int
+    caller_id: int
+    caller_name: str | None
+    subject: str
+    status: Literal["open", "pending", "closed"]
+    tier: Literal["agent", "support", "management"]
+    close_reason: str | None
+    channel: str
+    created_at: datetime
+    updated_at: datetime
+    last_activity_at: datetime
+    first_response_due: datetime | None
+    resolution_due: datetime | None
+    overdue: bool
+
+
+class TicketList(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    tickets: list[TicketSummary]
+
+
+_SUMMARY_SQL = (
+    "SELECT t.id, t.caller_id, c.name AS caller_name, t.subject, t.status, t.tier, t.close_reason,"
+    " t.channel, t.created_at, t.updated_at, t.last_activity_at, t.first_response_due, t.resolution_due,"
+    " (t.status <> 'closed' AND (t.resolution_due < now()"
+    "   OR (t.first_response_at IS NULL AND t.first_response_due < now()))) AS overdue"
+    " FROM tickets t JOIN callers c ON c.id = t.caller_id"
+)
+
+
+@router.get("/tickets", response_model=TicketList, tags=["tickets"])
+async def list_tickets(
+    request: Request,
+    agent: CurrentAgent,
+    status: Literal["open", "pending", "closed"] | None = None,
+    tier: Literal["agent", "support", "management"] | None = None,
+    channel: str | None = None,
+    caller_id: int | None = None,
+    overdue: bool | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TicketList:
+    """The queue: tickets filtered by status, tier, channel, caller, overdue; most urgent first."""
+    where, args = [], []
+    for column, value in (("t.status", status), ("t.tier", tier), ("t.channel", channel), ("t.caller_id", caller_id)):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    if overdue is not None:
+        condition = ("(t.status <> 'closed' AND (t.resolution_due < now()"
+                     " OR (t.first_response_at IS NULL AND t.first_response_due < now())))")
+        where.append(condition if overdue else f"NOT {condition}")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    async with runtime(request).pool.acquire() as conn:
+        total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)
+        rows = await conn.fetch(
+            f"{_SUMMARY_SQL}{clause} ORDER BY (t.status = 'closed'), t.resolution_due NULLS LAST, t.id"
+            f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
+            *args, limit, offset,
+        )
+    return TicketList(total=total, limit=limit, offset=offset, tickets=[TicketSummary(**dict(r)) for r in rows])
+
+
+class Attachment(BaseModel):
+    id: int
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    dropped: str | None
+
+
+class Message(BaseModel):
+    id: int
+    direction: Literal["in", "out"]
+    channel: str
+    account: str
+    sender: str
+    recipient: str | None
+    subject: str | None
+    body_text: str
+    body_display: str
+    body_html: str | None
+    external_id: str | None
+    status: str
+    status_reason: str | None
+    auto_reply: bool
+    problems: list[str]
+    trace_id: str | None
+    created_at: datetime
+    sent_at: datetime | None
+    attachments: list[Attachment] = []
+
+
+class Event(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    from_tier: str | None
+    to_tier: str | None
+    note: str | None
+    data: dict[str, Any]
+
+
+class TicketDetail(TicketSummary):
+    solution: str | None
+    linked_ticket_id: int | None
+    closed_at: datetime | None
+    messages: list[Message]
+    events: list[Event]
+
+
+async def load_ticket(conn: Any, ticket_id: int) -> TicketDetail:
+    row = await conn.fetchrow(
+        f"{_SUMMARY_SQL.replace('SELECT t.id', 'SELECT t.solution, t.linked_ticket_id, t.closed_at, t.id')}"
+        " WHERE t.id = $1",
+        ticket_id,
+    )
+    if row is None:
+        raise HTTPException(404, f"ticket {ticket_id} does not exist")
+    messages = [dict(m) for m in await conn.fetch(
+        "SELECT * FROM messages WHERE ticket_id = $1 ORDER BY id", ticket_id)]
+    files = await conn.fetch(
+        "SELECT * FROM attachments WHERE message_id = ANY($1::bigint[]) ORDER BY id", [m["id"] for m in messages]
+    )
+    for message in messages:
+        message["attachments"] = [dict(f) for f in files if f["message_id"] == message["id"]]
+    events = await conn.fetch("SELECT * FROM ticket_events WHERE ticket_id = $1 ORDER BY id", ticket_id)
+    return TicketDetail(**dict(row), messages=messages, events=[dict(e) for e in events])
+
+
+@router.get("/tickets/{ticket_id}", response_model=TicketDetail, tags=["tickets"])
+async def get_ticket(ticket_id: int, request: Request, agent: CurrentAgent) -> TicketDetail:
+    """One ticket with all its messages (in and out, with delivery status) and its event log."""
+    async with runtime(request).pool.acquire() as conn:
+        return await load_ticket(conn, ticket_id)
+
+
+class ReplyRequest(BaseModel):
+    body: str = Field(min_length=1, max_length=100_000)
+    channel: str | None = Field(default=None, description="send on this channel instead of the one the caller used")
+
+
+@router.post("/tickets/{ticket_id}/replies", response_model=Message, status_code=201, tags=["tickets"])
+async def post_reply(ticket_id: int, body: ReplyRequest, request: Request, agent: CurrentAgent) -> Message:
+    """Answer on the channel the person used; the reply is queued and its status tracked."""
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        try:
+            message = await replies.create_reply(
+                conn, ticket_id, body.body, agent_id=agent.id, actor=agent.username,
+                accounts=rt.account_names(), channel=body.channel,
+            )
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except replies.ReplyError as exc:
+            raise HTTPException(422, str(exc)) from exc
+    return Message(**message)

@@ -1,0 +1,256 @@
+"""Kafka plumbing: topics, the producer, and the stage consumer with retries and the shunt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
+from aiokafka.structs import ConsumerRecord
+
+from channels.types import OUTBOUND_CHANNELS
+from ticketing.db import is_transient
+from workers import metrics
+
+log = logging.getLogger(__name__)
+
+RAW = "loket.inbound.raw"
+MATCHED = "loket.inbound.matched"
+RECEIPTS = "loket.receipts"
+EVENTS = "loket.events"
+SHUNT = "loket.shunt"
+
+
+def outbound_topic(channel: str) -> str:
+    return f"loket.outbound.{channel}"
+
+
+ALL_TOPICS = [RAW, MATCHED, RECEIPTS, EVENTS, SHUNT] + [outbound_topic(c) for c in OUTBOUND_CHANNELS]
+
+
+async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> None:
+    """Create the pipeline's topics; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=t, num_partitions=partitions, replication_factor=replication)
+            for t in ALL_TOPICS
+            if t not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+    finally:
+        await admin.close()
+
+
+def make_producer(bootstrap: str) -> AIOKafkaProducer:
+    """Producer with acks from all in-sync replicas and idempotence."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=15000,
+    )
+
+
+@dataclass
+class Publish:
+    """One record a stage wants published once its work is committed."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+
+
+async def publish_all(producer: AIOKafkaProducer, records: Sequence[Publish]) -> None:
+    """Send records and wait until the broker has acknowledged every one of them."""
+    if not records:
+        return
+    futures = [await producer.send(r.topic, r.value, key=r.key) for r in records]
+    await asyncio.gather(*futures)
+
+
+class PoisonMessage(Exception):
+    """A message that can never succeed (undecodable, invalid): shunt it without retrying."""
+
+
+class ShuntRecord(msgspec.Struct, kw_only=True):
+    """What lands on `loket.shunt`: the message as it was, and why it failed where."""
+
+    v: int = 1
+    stage: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: str  # the original payload, decoded as UTF-8 with replacement
+    value_b64: str | None = None  # set when the payload was not valid UTF-8
+    error: str
+    traceback: str
+    attempts: int
+    at: float = msgspec.field(default_factory=time.time)
+
+
+BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[list[Publish]]]
+
+
+@dataclass
+class Stage:
+    """A consumer-group stage: one `handle` over batches of records from one topic.
+
+    Offsets are committed only after `handle` returned (its database transaction is
+    committed) and what it asked to publish was acknowledged.
+    """
+
+    name: str
+    topics: list[str]
+    handle: BatchHandler
+    bootstrap: str
+    producer: AIOKafkaProducer
+    max_attempts: int = 3
+    batch_size: int = 500
+    group_id: str | None = None
+    _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id or f"loket.{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_size,
+            session_timeout_ms=20000,
+            heartbeat_interval_ms=2000,
+            max_poll_interval_ms=600000,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        self.ready.set()
+        log.info("stage %s consuming %s", self.name, ",".join(self.topics))
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
+                for tp, records in batches.items():
+                    if records:
+                        await self._process(consumer, tp, records)
+                if batches:
+                    await metrics.refresh_lag(self.name, consumer)
+        finally:
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _process(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = await self._with_db_patience(records)
+        except Exception:
+            # The batch failed for a reason other than an outage: find the culprit alone.
+            outputs = []
+            for record in records:
+                outputs.extend(await self._one_by_one(record))
+        await self._publish_with_patience(outputs)
+        metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
+        metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        try:
+            await consumer.commit({tp: records[-1].offset + 1})
+        except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
+            # The partition moved to another member during the batch; it will redo
+            # the records, which is harmless because every write is keyed.
+            log.warning("stage %s: commit for %s skipped after rebalance: %s", self.name, tp, exc)
+
+    async def _with_db_patience(self, records: list[ConsumerRecord]) -> list[Publish]:
+        """Run the handler, waiting out database outages (never shunting for them)."""
+        delay = 0.2
+        while True:
+            try:
+                return await self.handle(records)
+            except Exception as exc:
+                if not is_transient(exc) or self._stopping.is_set():
+                    raise
+                metrics.STAGE_RETRIES.labels(self.name).inc()
+                log.warning("stage %s: database unavailable (%s); retrying in %.1fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _one_by_one(self, record: ConsumerRecord) -> list[Publish]:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._with_db_patience([record])
+            except PoisonMessage as exc:
+                return [self._shunt(record, exc, attempts)]
+            except Exception as exc:
+                metrics.STAGE_ERRORS.labels(self.name).inc()
+                if attempts >= self.max_attempts:
+                    return [self._shunt(record, exc, attempts)]
+                metrics.STAGE_RETRIES.labels(self.name).inc()
+                log.warning("stage %s: attempt %d failed at %s@%d: %s", self.name, attempts,
+                            record.topic, record.offset, exc)
+                await asyncio.sleep(0.05 * attempts)
+
+    def _shunt(self, record: ConsumerRecord, exc: BaseException, attempts: int) -> Publish:
+        metrics.STAGE_SHUNTED.labels(self.name).inc()
+        value = record.value or b""
+        try:
+            text, b64 = value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            import base64
+
+            text, b64 = value.decode("utf-8", "replace"), base64.b64encode(value).decode()
+        shunt = ShuntRecord(
+            stage=self.name,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key.decode("utf-8", "replace") if record.key else None,
+            value=text,
+            value_b64=b64,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc))[-8000:],
+            attempts=attempts,
+        )
+        log.error("stage %s: shunted %s@%d after %d attempts: %s", self.name, record.topic,
+                  record.offset, attempts, shunt.error)
+        return Publish(SHUNT, msgspec.json.encode(shunt), record.key)
+
+    async def _publish_with_patience(self, outputs: list[Publish]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await publish_all(self.producer, outputs)
+                return
+            except (KafkaConnectionError, KafkaError, asyncio.TimeoutError) as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("stage %s: broker unavailable (%s); retrying in %.1fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

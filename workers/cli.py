@@ -1,0 +1,170 @@
+"""The `loket` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from workers.settings import ConfigError, Settings
+
+log = logging.getLogger("loket")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": record.created, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if settings.log_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    from workers.http import create_app
+
+    host, port = rt.settings.host_port()
+    app = create_app(rt, stages_ready=lambda: dict(supervisor.running))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve())
+    await stop.wait()
+    server.should_exit = True
+    await serving
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def run_up(settings: Settings, demo: bool) -> None:
+    from workers.supervisor import Supervisor, all_tasks, open_runtime
+
+    async with open_runtime(settings) as rt:
+        supervisor = Supervisor()
+        _install_signals(supervisor.stop)
+        tasks = all_tasks(rt)
+        tasks["http"] = lambda stop: _serve_http(rt, supervisor, stop)
+        host, port = settings.host_port()
+        print(f"loket is running: API and console at http://{host}:{port}/ (OpenAPI at /openapi.json)")
+        for part, description in rt.started.items():
+            print(f"  started {part}: {description}")
+        if "broker" in rt.started:
+            print("  note: the embedded broker keeps messages in memory; use Kafka in production")
+        print(f"  stages: {', '.join(sorted(tasks))}. Press Ctrl-C to stop.")
+        if demo:
+            from workers.demo import run_demo
+
+            asyncio.create_task(run_demo(rt))
+        await supervisor.run(tasks)
+    print("loket stopped")
+
+
+async def run_worker(settings: Settings, stage: str) -> None:
+    from workers.supervisor import Supervisor, open_runtime, stage_tasks
+
+    async with open_runtime(settings) as rt:
+        supervisor = Supervisor()
+        _install_signals(supervisor.stop)
+        if stage == "http":
+            tasks = {"http": lambda stop: _serve_http(rt, supervisor, stop)}
+        else:
+            tasks = stage_tasks(rt, stage)
+        if not tasks:
+            print(f"stage {stage}: nothing to run with this configuration", file=sys.stderr)
+        await supervisor.run(tasks)
+
+
+async def run_migrate(settings: Settings) -> None:
+    from ticketing.db import create_pool, migrate
+
+    if not settings.database_url:
+        raise ConfigError("LOKET_DATABASE_URL is not set (loket up migrates the embedded database itself)")
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+    finally:
+        await pool.close()
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+
+
+async def run_agent_add(settings: Settings, username: str, role: str, password: str | None) -> None:
+    from ticketing import agents
+    from ticketing.db import create_pool, migrate
+
+    if password is None:
+        password = getpass.getpass(f"password for {username}: ")
+        if password != getpass.getpass("again: "):
+            raise ConfigError("the passwords differ")
+    if not settings.database_url:
+        raise ConfigError("LOKET_DATABASE_URL is not set")
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            agent_id = await agents.add_agent(conn, username, password, role)
+    finally:
+        await pool.close()
+    print(f"agent {username} ({role}) saved with id {agent_id}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loket", description="Multichannel contact-center pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run everything in one process (embedded infrastructure where none is configured)")
+    up.add_argument("--demo", action="store_true", help="send sample traffic through every channel")
+    worker = sub.add_parser("worker", help="run one stage (several processes of a stage share its partitions)")
+    worker.add_argument("stage", choices=["normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "http"])
+    sub.add_parser("migrate", help="apply database migrations")
+    agent = sub.add_parser("agent", help="manage agents")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True)
+    add = agent_sub.add_parser("add", help="add an agent (or reset their password and role)")
+    add.add_argument("username")
+    add.add_argument("--role", required=True, choices=["agent", "support", "manager", "admin"])
+    add.add_argument("--password", help="prompted for when not given")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        setup_logging(settings)
+        if args.command == "up":
+            asyncio.run(run_up(settings, args.demo))
+        elif args.command == "worker":
+            asyncio.run(run_worker(settings, args.stage))
+        elif args.command == "migrate":
+            asyncio.run(run_migrate(settings))
+        elif args.command == "agent":
+            asyncio.run(run_agent_add(settings, args.username, args.role, args.password))
+    except ConfigError as exc:
+        print(f"loket: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

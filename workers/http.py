@@ -1,0 +1,60 @@
+"""The HTTP app: agents' API, webhooks, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ticketing.db import migrations_current
+from workers import api
+from workers.runtime import Runtime
+
+ReadyCheck = Callable[[], dict[str, bool]]
+
+
+def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
+    """Assemble the app around a running process's runtime."""
+    app = FastAPI(
+        title="loket",
+        summary="Multichannel contact-center pipeline: agents' API and channel webhooks",
+        version="0.1.0",
+    )
+    app.state.runtime = rt
+    app.include_router(api.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """200 once migrations ran and the database, broker and stages are up."""
+        checks: dict[str, bool] = {}
+        try:
+            async with rt.pool.acquire(timeout=2) as conn:
+                checks["database"] = True
+                checks["migrations"] = await migrations_current(conn)
+        except (OSError, asyncio.TimeoutError, Exception):  # noqa: B014 - any failure means not ready
+            checks["database"] = False
+            checks["migrations"] = False
+        try:
+            await asyncio.wait_for(rt.producer.client.fetch_all_metadata(), timeout=2)
+            checks["broker"] = True
+        except Exception:  # noqa: BLE001 - any failure means the broker is not reachable
+            checks["broker"] = False
+        if stages_ready is not None:
+            checks.update({f"stage:{name}": ok for name, ok in stages_ready().items()})
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics_endpoint(request: Request) -> PlainTextResponse:
+        """Prometheus exposition of this process's metrics."""
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

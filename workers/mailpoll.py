@@ -1,0 +1,174 @@
+"""IMAP pull channel: fetch new mail, publish it raw, advance the cursor only after the broker's ack.
+
+The cursor per account and folder holds UIDVALIDITY, the last UID the broker acknowledged
+(`acked`), and the last UID below which every published message is in the database
+(`committed`). A restart resumes after `committed`: fetching a message twice is harmless
+(natural key), losing one is not, and an in-memory broker may have lost what it acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.email import parse_email
+from channels.imap import ImapAccount, ImapError, ImapMailbox
+from channels.smtp import EmailAccount
+from channels.types import RawInbound, encoder
+from ticketing.db import is_transient
+from workers import bus, metrics
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# A message published this long ago and still not in the database was shunted or is
+# stuck; stop holding the watermark back for it (the shunt replays it).
+_GIVE_UP_SECONDS = 600.0
+
+
+def external_id_for(message_id: str | None, folder: str, uidvalidity: int, uid: int) -> str:
+    """The natural key of a mail: its Message-ID, else its place in the mailbox."""
+    if message_id:
+        cleaned = message_id.strip()
+        if 3 <= len(cleaned) <= 250 and " " not in cleaned:
+            return cleaned
+    return f"uid:{folder}:{uidvalidity}:{uid}"
+
+
+@dataclass
+class MailCursor:
+    uidvalidity: int
+    acked: int = 0
+    committed: int = 0
+    pending: dict[int, tuple[str, float]] = field(default_factory=dict)  # uid -> (external id, published at)
+
+    def as_json(self) -> dict[str, int]:
+        return {"uidvalidity": self.uidvalidity, "acked": self.acked, "committed": self.committed}
+
+
+RawHook = Callable[[RawInbound, dict[str, Any]], RawInbound]
+
+
+class MailPoller:
+    """One mailbox of one account (`channel` is "email" or "fax")."""
+
+    def __init__(self, rt: Runtime, account: EmailAccount, *, channel: str = "email",
+                 prepare: RawHook | None = None, poll_seconds: float | None = None):
+        self.rt = rt
+        self.account = account
+        self.channel = channel
+        self.prepare = prepare  # channel-specific touches (fax number, OCR hand-off)
+        self.poll_seconds = poll_seconds or rt.settings.imap_poll_seconds
+        self.scope = account.imap_folder
+        self.connected = False
+        self.last_error: str | None = None
+
+    def _imap_account(self) -> ImapAccount:
+        a = self.account
+        return ImapAccount(host=a.imap_host, port=a.imap_port, user=a.imap_user,
+                           password=a.imap_password, tls=a.imap_tls, folder=a.imap_folder)
+
+    async def _load_cursor(self, uidvalidity: int) -> MailCursor:
+        async with self.rt.pool.acquire() as conn:
+            stored = await conn.fetchval(
+                "SELECT cursor FROM channel_cursors WHERE channel = $1 AND account = $2 AND scope = $3",
+                self.channel, self.account.name, self.scope,
+            )
+        if not stored or stored.get("uidvalidity") != uidvalidity:
+            if stored:
+                log.warning("%s/%s: UIDVALIDITY changed (%s -> %s); reading the folder again",
+                            self.channel, self.account.name, stored.get("uidvalidity"), uidvalidity)
+            return MailCursor(uidvalidity)
+        committed = int(stored.get("committed", 0))
+        return MailCursor(uidvalidity, acked=committed, committed=committed)
+
+    async def _save_cursor(self, cursor: MailCursor) -> None:
+        async with self.rt.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO channel_cursors (channel, account, scope, cursor) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (channel, account, scope) DO UPDATE SET cursor = excluded.cursor, updated_at = now()",
+                self.channel, self.account.name, self.scope, cursor.as_json(),
+            )
+
+    async def _advance_committed(self, cursor: MailCursor) -> None:
+        """Move `committed` up to just below the oldest published message not yet in the database."""
+        if cursor.pending:
+            async with self.rt.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT external_id FROM messages WHERE channel = $1 AND account = $2"
+                    " AND direction = 'in' AND external_id = ANY($3::text[])",
+                    self.channel, self.account.name, [ext for ext, _ in cursor.pending.values()],
+                )
+            stored = {r["external_id"] for r in rows}
+            now = time.time()
+            for uid, (ext, published) in list(cursor.pending.items()):
+                if ext in stored or now - published > _GIVE_UP_SECONDS:
+                    del cursor.pending[uid]
+        cursor.committed = (min(cursor.pending) - 1) if cursor.pending else cursor.acked
+        await self._save_cursor(cursor)
+
+    def _to_raw(self, uid: int, data: bytes, cursor: MailCursor) -> RawInbound:
+        raw = parse_email(
+            data, account=self.account.name, external_id="", blobs=self.rt.blobs,
+            max_attachment_bytes=self.rt.settings.max_attachment_bytes, channel=self.channel,
+        )
+        raw.external_id = external_id_for(raw.headers.get("message-id"), self.scope, cursor.uidvalidity, uid)
+        raw.meta["imap_uid"] = str(uid)
+        raw.meta["accepted_at"] = repr(time.time())
+        if self.prepare is not None:
+            raw = self.prepare(raw, {"uid": uid})
+        return raw
+
+    async def sync(self, mailbox: ImapMailbox, cursor: MailCursor) -> int:
+        """Fetch and publish everything after the cursor; returns how many were published."""
+        published = 0
+        async for chunk in mailbox.fetch_new(cursor.acked, chunk=100):
+            raws = [self._to_raw(uid, data, cursor) for uid, data in chunk]
+            await bus.publish_all(self.rt.producer, [bus.Publish(bus.RAW, encoder.encode(r), r.key()) for r in raws])
+            now = time.time()
+            for (uid, _), raw in zip(chunk, raws, strict=True):
+                cursor.pending[uid] = (raw.external_id, now)
+            cursor.acked = max(cursor.acked, chunk[-1][0])
+            published += len(raws)
+            metrics.INBOUND.labels(self.channel, self.account.name).inc(len(raws))
+            await self._save_cursor(cursor)
+        return published
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            mailbox = ImapMailbox(self._imap_account())
+            try:
+                uidvalidity = await mailbox.connect()
+                self.connected, self.last_error = True, None
+                cursor = await self._load_cursor(uidvalidity)
+                delay = 1.0
+                while not stop.is_set():
+                    await self.sync(mailbox, cursor)
+                    await self._advance_committed(cursor)
+                    metrics.channel_ok(self.channel, self.account.name, time.time())
+                    if await mailbox.wait_for_new(timeout=self.poll_seconds if not cursor.pending else 1.0):
+                        continue
+            except (ImapError, OSError, TimeoutError, bus.KafkaError) as exc:
+                self._down(exc)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._down(exc)
+            finally:
+                await mailbox.close()
+            if not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 30.0)
+
+    def _down(self, exc: BaseException) -> None:
+        self.connected, self.last_error = False, f"{type(exc).__name__}: {exc}"
+        metrics.channel_down(self.channel, self.account.name)
+        log.warning("%s/%s: %s", self.channel, self.account.name, self.last_error)

@@ -1,0 +1,189 @@
+"""Process assembly: open the runtime (embedded parts where nothing is configured) and supervise stages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from channels.email import compose_reply
+from channels.smtp import deliver
+from channels.types import ChannelError, DeliveryResult, OutboundReply
+from ticketing.db import create_pool, migrate
+from workers import bus
+from workers.embedded import EmbeddedBroker, EmbeddedPostgres
+from workers.mailpoll import MailPoller
+from workers.relay import run_relay
+from workers.runtime import Runtime, load_accounts, load_rules
+from workers.settings import Settings
+from workers.stages import (
+    delivery_handler,
+    normalizer_handler,
+    receipts_handler,
+    ticketing_handler,
+)
+
+log = logging.getLogger(__name__)
+
+StageFactory = Callable[[asyncio.Event], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, run_migrations: bool = True) -> AsyncIterator[Runtime]:
+    """Connect to (or start) the database and broker, migrate, create topics, start the producer."""
+    started: dict[str, str] = {}
+    embedded_pg: EmbeddedPostgres | None = None
+    broker: EmbeddedBroker | None = None
+    database_url = settings.database_url
+    bootstrap = settings.kafka_bootstrap
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not database_url:
+            embedded_pg = EmbeddedPostgres(settings.data_dir / "postgres")
+            database_url = await asyncio.to_thread(embedded_pg.start)
+            started["database"] = f"embedded PostgreSQL, data in {settings.data_dir / 'postgres'}"
+        if not bootstrap:
+            broker = EmbeddedBroker(log_path=settings.data_dir / "broker.log")
+            bootstrap = await broker.start()
+            started["broker"] = f"embedded Tansu broker on {bootstrap} (in memory)"
+        pool = await create_pool(database_url, max_size=12)
+        if run_migrations:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        await bus.ensure_topics(bootstrap, settings.partitions)
+        producer = bus.make_producer(bootstrap)
+        await producer.start()
+        from channels.blobs import DiskBlobStore
+
+        rt = Runtime(
+            settings=settings, database_url=database_url, bootstrap=bootstrap, pool=pool,
+            producer=producer, blobs=DiskBlobStore(settings.blobs_path()),
+            channels=load_accounts(settings), rules=load_rules(settings), started=started,
+        )
+        try:
+            yield rt
+        finally:
+            await producer.stop()
+            await pool.close()
+    finally:
+        if broker is not None:
+            broker.stop()
+        if embedded_pg is not None:
+            await asyncio.to_thread(embedded_pg.stop)
+
+
+@dataclass
+class Supervisor:
+    """Runs named tasks and restarts one that crashes, with a growing pause."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    running: dict[str, bool] = field(default_factory=dict)
+
+    async def supervise(self, name: str, factory: StageFactory) -> None:
+        delay = 0.5
+        while not self.stop.is_set():
+            self.running[name] = True
+            started = time.monotonic()
+            try:
+                await factory(self.stop)
+                if self.stop.is_set():
+                    break
+                log.warning("task %s returned; restarting", name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s crashed; restarting in %.1fs", name, delay)
+            self.running[name] = False
+            if time.monotonic() - started > 60:
+                delay = 0.5
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+            delay = min(delay * 2, 30.0)
+        self.running[name] = False
+
+    async def run(self, tasks: dict[str, StageFactory]) -> None:
+        jobs = [asyncio.create_task(self.supervise(name, factory), name=name) for name, factory in tasks.items()]
+        try:
+            await self.stop.wait()
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+
+def _consumer(rt: Runtime, name: str, topics: list[str], handler: bus.BatchHandler) -> StageFactory:
+    async def run(stop: asyncio.Event) -> None:
+        stage = bus.Stage(name=name, topics=topics, handle=handler, bootstrap=rt.bootstrap,
+                          producer=rt.producer, max_attempts=rt.settings.max_attempts)
+        watcher = asyncio.create_task(_stop_when(stop, stage.stop))
+        try:
+            await stage.run()
+        finally:
+            watcher.cancel()
+
+    return run
+
+
+async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
+    await stop.wait()
+    action()
+
+
+def email_sender(rt: Runtime) -> Callable[[OutboundReply], Awaitable[DeliveryResult]]:
+    accounts = rt.email_accounts
+
+    async def send(reply: OutboundReply) -> DeliveryResult:
+        account = accounts.get(reply.account)
+        if account is None:
+            raise ChannelError(f"no e-mail account named {reply.account!r} is configured", permanent=True)
+        message = compose_reply(reply, from_address=account.address)
+        return await deliver(account, message)
+
+    return send
+
+
+def senders(rt: Runtime) -> dict[str, Callable[[OutboundReply], Awaitable[DeliveryResult]]]:
+    """The delivery function of every outbound channel that has configured accounts."""
+    found = {}
+    if rt.channels.get("email"):
+        found["email"] = email_sender(rt)
+    return found
+
+
+STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers")
+
+
+def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
+    """The tasks that make up one named stage (`loket worker STAGE`)."""
+    if stage == "normalizer":
+        return {"normalizer": _consumer(rt, "normalizer", [bus.RAW], normalizer_handler(rt))}
+    if stage == "ticketing":
+        return {"ticketing": _consumer(rt, "ticketing", [bus.MATCHED], ticketing_handler(rt))}
+    if stage == "receipts":
+        return {"receipts": _consumer(rt, "receipts", [bus.RECEIPTS], receipts_handler(rt))}
+    if stage == "relay":
+        return {"relay": lambda stop: run_relay(rt, stop)}
+    if stage == "delivery":
+        return {
+            f"delivery-{channel}": _consumer(
+                rt, f"delivery-{channel}", [bus.outbound_topic(channel)], delivery_handler(rt, channel, send)
+            )
+            for channel, send in senders(rt).items()
+        }
+    if stage == "pollers":
+        tasks: dict[str, StageFactory] = {}
+        for account in rt.email_accounts.values():
+            poller = MailPoller(rt, account)
+            tasks[f"poll-email-{account.name}"] = poller.run
+        return tasks
+    raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+
+
+def all_tasks(rt: Runtime) -> dict[str, StageFactory]:
+    tasks: dict[str, StageFactory] = {}
+    for stage in STAGES:
+        tasks.update(stage_tasks(rt, stage))
+    return tasks
