@@ -77,7 +77,11 @@ async def handle_webhook(
     body: bytes,
     blobs: BlobStore | None = None,
 ) -> WebhookOutcome:
-    """Answer the subscription check, or verify and parse a page event batch."""
+    """Answer the subscription check, or verify and parse a page event batch.
+
+    Raises ChannelError (not permanent) when an attachment cannot be fetched right now;
+    answering non-2xx then makes Messenger deliver the batch again.
+    """
     if method.upper() == "GET":
         if query.get("hub.mode") == "subscribe" and same_secret(
             account.verify_token, query.get("hub.verify_token")
@@ -212,9 +216,16 @@ async def _attachment(
         return dropped_attachment(filename, None, "not downloaded: no blob store configured")
     try:
         response = await http.get(str(url), follow_redirects=True)
-        response.raise_for_status()
     except httpx.HTTPError as exc:
-        return dropped_attachment(filename, None, f"download failed: {exc}")
+        # Transient: fail the batch so Messenger redelivers it.
+        raise ChannelError(f"attachment download failed: {exc!r}", permanent=False) from exc
+    if response.status_code >= 500:
+        raise ChannelError(
+            f"attachment download failed: HTTP {response.status_code}", permanent=False
+        )
+    if not response.is_success:
+        # CDN links expire; the message is kept and the loss noted.
+        return dropped_attachment(filename, None, f"download failed: HTTP {response.status_code}")
     return stored_attachment(
         blobs, response.content, filename, response.headers.get("content-type")
     )

@@ -279,3 +279,19 @@ async def test_unreachable_graph_is_transient(account: facebook.FacebookAccount)
     with pytest.raises(ChannelError) as failed:
         await facebook.send(down, reply())
     assert not failed.value.permanent
+
+
+async def test_transient_attachment_failure_fails_the_batch(
+    account: facebook.FacebookAccount, graph: GraphServer, tmp_path: Path
+) -> None:
+    graph.files["ktp.jpg"] = (b"jpeg", "image/jpeg")
+    graph.fail_next(1, "server_error", path_contains="/cdn/")
+    payload = json.loads(fixture("messenger_image.json"))
+    event = payload["entry"][0]["messaging"][0]
+    event["message"]["attachments"][0]["payload"]["url"] = f"{graph.url}/cdn/ktp.jpg"
+    body = json.dumps(payload).encode()
+    with pytest.raises(ChannelError) as failed:
+        await facebook.handle_webhook(
+            account, "POST", {}, signed(account, body), body, blobs=DiskBlobStore(tmp_path)
+        )
+    assert not failed.value.permanent
