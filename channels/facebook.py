@@ -103,7 +103,11 @@ async def handle_webhook(
             for event in entry.get("messaging") or []:
                 if not isinstance(event, dict):
                     raise RejectedInput("messaging event is not an object", status=400)
-                await _apply_event(account, event, outcome, http, blobs)
+                try:
+                    await _apply_event(account, event, outcome, http, blobs)
+                except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                    # A field of the wrong type deep in the event: the batch is malformed.
+                    raise RejectedInput(f"malformed messaging event: {exc!r}", status=400) from exc
     return outcome
 
 

@@ -65,11 +65,11 @@ class TelegramAccount:
 
 # One bot per account and event loop: its HTTP pool belongs to the loop, and its rate
 # limiter only paces sends if every send of the account goes through the same instance.
-_bots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[TelegramAccount, ExtBot[None]]]
+_bots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[TelegramAccount, ExtBot[int]]]
 _bots = weakref.WeakKeyDictionary()
 
 
-async def bot_for(account: TelegramAccount) -> ExtBot[None]:
+async def bot_for(account: TelegramAccount) -> ExtBot[int]:
     """The initialized bot of an account on the running loop (created on first use)."""
     per_loop = _bots.setdefault(asyncio.get_running_loop(), {})
     bot = per_loop.get(account)
@@ -122,7 +122,7 @@ async def handle_webhook(
         raise RejectedInput("not a Telegram Update: update_id missing", status=400)
     try:
         update = Update.de_json(payload, None)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise RejectedInput(f"not a Telegram Update: {exc!r}", status=400) from exc
     raw = await _raw_from_update(account, update, blobs)
     return WebhookOutcome(messages=[raw] if raw is not None else [])

@@ -110,16 +110,20 @@ async def handle_webhook(
     if not isinstance(me, str | int):
         raise RejectedInput("not an Account Activity event: for_user_id missing", status=400)
     me = str(me)
-    users = payload.get("users") if isinstance(payload.get("users"), dict) else {}
+    users: dict[str, Any] = payload["users"] if isinstance(payload.get("users"), dict) else {}
     outcome = WebhookOutcome()
-    for event in _list(payload, "direct_message_events"):
-        raw = _raw_from_activity_dm(account, me, event, users)
-        if raw is not None:
-            outcome.messages.append(raw)
-    for tweet in _list(payload, "tweet_create_events"):
-        raw = _raw_from_activity_tweet(account, me, tweet)
-        if raw is not None:
-            outcome.messages.append(raw)
+    try:
+        for event in _list(payload, "direct_message_events"):
+            raw = _raw_from_activity_dm(account, me, event, users)
+            if raw is not None:
+                outcome.messages.append(raw)
+        for tweet in _list(payload, "tweet_create_events"):
+            raw = _raw_from_activity_tweet(account, me, tweet)
+            if raw is not None:
+                outcome.messages.append(raw)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # A field of the wrong type deep in an event: the batch is malformed.
+        raise RejectedInput(f"malformed Account Activity event: {exc!r}", status=400) from exc
     return outcome
 
 

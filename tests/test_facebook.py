@@ -295,3 +295,14 @@ async def test_transient_attachment_failure_fails_the_batch(
             account, "POST", {}, signed(account, body), body, blobs=DiskBlobStore(tmp_path)
         )
     assert not failed.value.permanent
+
+
+async def test_malformed_event_is_400(account: facebook.FacebookAccount) -> None:
+    for event in (
+        {"sender": "x", "message": {"mid": "m"}},
+        {"sender": {"id": "1"}, "message": "hi"},
+    ):
+        body = json.dumps({"object": "page", "entry": [{"id": "1", "messaging": [event]}]}).encode()
+        with pytest.raises(RejectedInput) as refused:
+            await facebook.handle_webhook(account, "POST", {}, signed(account, body), body)
+        assert refused.value.status == 400

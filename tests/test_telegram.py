@@ -178,7 +178,13 @@ async def test_unconfigured_secret_refuses_everything(api: TelegramServer) -> No
 
 
 async def test_bad_body_is_400(account: telegram.TelegramAccount) -> None:
-    for body in (b"not json", b"[]", b'{"message": {}}'):
+    for body in (
+        b"not json",
+        b"[]",
+        b'{"message": {}}',
+        b'{"update_id": 1, "message": "text"}',
+        b'{"update_id": 1, "message": {"text": "no date or chat"}}',
+    ):
         with pytest.raises(RejectedInput) as refused:
             await telegram.handle_webhook(account, "POST", {}, HEADERS, body)
         assert refused.value.status == 400

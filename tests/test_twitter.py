@@ -155,7 +155,12 @@ async def test_forged_or_missing_signature_is_refused(account: twitter.TwitterAc
 
 
 async def test_bad_body_is_400(account: twitter.TwitterAccount) -> None:
-    for body in (b"{oops", b"[]", b'{"direct_message_events": []}'):
+    for body in (
+        b"{oops",
+        b"[]",
+        b'{"direct_message_events": []}',
+        b'{"for_user_id": "1", "direct_message_events": [{"type": "message_create", "id": "5", "message_create": "x"}]}',
+    ):
         with pytest.raises(RejectedInput) as refused:
             await twitter.handle_webhook(account, "POST", {}, signed("consumer-secret", body), body)
         assert refused.value.status == 400

@@ -141,7 +141,11 @@ class GraphServer(PlatformServer):
 
     @staticmethod
     def _error(
-        status: int, code: int, message: str, subcode: int | None = None, **headers: str
+        status: int,
+        code: int,
+        message: str,
+        subcode: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> web.Response:
         error: dict[str, Any] = {
             "message": message,
@@ -172,7 +176,7 @@ class GraphServer(PlatformServer):
                 400,
                 613,
                 "(#613) Calls to this api have exceeded the rate limit.",
-                **{"X-Business-Use-Case-Usage": json.dumps(usage)},
+                headers={"X-Business-Use-Case-Usage": json.dumps(usage)},
             )
         if fault.kind == "server_error":
             return self._error(500, 2, "An unexpected error has occurred. Please retry.")
