@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,15 +208,19 @@ def _image_pages(data: bytes, out_dir: Path, problems: list[str], what: str) -> 
 
     pages: list[Path] = []
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            for number, frame in enumerate(ImageSequence.Iterator(image), start=1):
-                if number > MAX_PAGES:
-                    problems.append(f"only the first {MAX_PAGES} pages were read")
-                    break
-                path = out_dir / f"page-{number:03d}.png"
-                dpi = frame.info.get("dpi")
-                frame.copy().save(path, format="PNG", **({"dpi": dpi} if dpi else {}))
-                pages.append(path)
+        # Pillow warns (rather than raises) about damaged metadata; keep those as problems.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Image.open(io.BytesIO(data)) as image:
+                for number, frame in enumerate(ImageSequence.Iterator(image), start=1):
+                    if number > MAX_PAGES:
+                        problems.append(f"only the first {MAX_PAGES} pages were read")
+                        break
+                    path = out_dir / f"page-{number:03d}.png"
+                    dpi = frame.info.get("dpi")
+                    frame.copy().save(path, format="PNG", **({"dpi": dpi} if dpi else {}))
+                    pages.append(path)
+        problems.extend(f"{what}: {warning.message}" for warning in caught)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         problems.append(f"{what} could not be read: {exc}")
     return pages
