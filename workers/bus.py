@@ -62,12 +62,12 @@ async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -
         await admin.close()
 
 
-def make_producer(bootstrap: str) -> AIOKafkaProducer:
-    """Producer with acks from all in-sync replicas and idempotence."""
+def make_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProducer:
+    """Producer with acks from all in-sync replicas and, where the broker offers it, idempotence."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=idempotence,
         linger_ms=5,
         max_batch_size=256 * 1024,
         request_timeout_ms=15000,

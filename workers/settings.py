@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("loket")))
     blob_dir: Path | None = None
     partitions: int = 6
+    # Idempotent producing needs InitProducerId, which the embedded Tansu broker does not
+    # offer; duplicates from producer retries are absorbed by the natural key either way.
+    kafka_idempotence: bool = True
     log_level: str = "INFO"
     log_json: bool = False
     # Where providers reach this installation (Kannel DLR callbacks, Twilio status callbacks).

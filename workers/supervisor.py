@@ -54,7 +54,7 @@ async def open_runtime(settings: Settings, *, run_migrations: bool = True) -> As
             async with pool.acquire() as conn:
                 await migrate(conn)
         await bus.ensure_topics(bootstrap, settings.partitions)
-        producer = bus.make_producer(bootstrap)
+        producer = bus.make_producer(bootstrap, idempotence=settings.kafka_idempotence and broker is None)
         await producer.start()
         from channels.blobs import DiskBlobStore
 

@@ -1,0 +1,84 @@
+"""Session-wide real servers: PostgreSQL database, Tansu broker, Dovecot, SMTP, and a running loket."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import db
+from tests.support.broker import TansuBroker
+from tests.support.dovecot import DovecotServer
+from tests.support.smtp import SmtpServer
+from tests.support.stack import LoketStack
+
+ARTIFACTS = Path(os.environ.get("LOKET_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+HELPDESK_PASSWORD = "imap-secret-123"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = db.create_database()
+    yield url
+    db.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    server = TansuBroker.start(log_dir=tmp_path_factory.mktemp("tansu"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    server = DovecotServer.start(tmp_path_factory.mktemp("dovecot"))
+    server.add_user("helpdesk", HELPDESK_PASSWORD)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer.start()
+    yield server
+    server.stop()
+
+
+def email_config(dovecot: DovecotServer, smtp: SmtpServer, user: str = "helpdesk",
+                 name: str = "helpdesk") -> str:
+    return f"""
+[[channels.email]]
+name = "{name}"
+address = "{user}@helpdesk.example.org"
+imap_host = "127.0.0.1"
+imap_port = {dovecot.port}
+imap_user = "{user}"
+imap_password = "env:TEST_IMAP_PASSWORD"
+imap_tls = "none"
+imap_folder = "INBOX"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp.port}
+smtp_tls = "none"
+"""
+
+
+@pytest.fixture(scope="session")
+def stack(pg_url: str, broker: TansuBroker, dovecot: DovecotServer, smtp: SmtpServer,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoketStack]:
+    """One `loket up` for the session's end-to-end tests (tests keep to their own senders)."""
+    running = LoketStack(
+        database_url=pg_url, bootstrap=broker.bootstrap, config_text=email_config(dovecot, smtp),
+        workdir=tmp_path_factory.mktemp("loket"), extra_env={"TEST_IMAP_PASSWORD": HELPDESK_PASSWORD},
+    )
+    running.up()
+    yield running
+    running.stop()
