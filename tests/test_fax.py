@@ -7,10 +7,10 @@ import shutil
 import subprocess
 
 import pytest
-from support import faxgen
 
 from channels import fax
 from channels.fax import FaxAccount
+from tests.support import faxgen
 
 KEY_WORDS = ("Sekolah", "internet", "Senin", "bantuan", "teknisi")
 PAGE2_WORDS = ("Jaringan", "laboratorium", "ujian")

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from support.kannel import KannelGateway, kannel_available
-from support.ports import free_port
 
 from channels import kannel
 from channels.kannel import KannelAccount
 from channels.types import ChannelError, OutboundReply, RejectedInput, WebhookOutcome
+from tests.support.kannel import KannelGateway, kannel_available
+from tests.support.ports import free_port
 
 SECRET = "s3cret-token-0123456789"
 
