@@ -29,6 +29,8 @@ from workers import metrics
 log = logging.getLogger(__name__)
 
 RAW = "loket.inbound.raw"
+# Faxes wait here for OCR, so a slow fax never holds up other messages on RAW.
+FAX = "loket.inbound.fax"
 MATCHED = "loket.inbound.matched"
 RECEIPTS = "loket.receipts"
 EVENTS = "loket.events"
@@ -39,7 +41,7 @@ def outbound_topic(channel: str) -> str:
     return f"loket.outbound.{channel}"
 
 
-ALL_TOPICS = [RAW, MATCHED, RECEIPTS, EVENTS, SHUNT] + [outbound_topic(c) for c in OUTBOUND_CHANNELS]
+ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [outbound_topic(c) for c in OUTBOUND_CHANNELS]
 
 
 async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> None:
@@ -248,7 +250,7 @@ class Stage:
             try:
                 await publish_all(self.producer, outputs)
                 return
-            except (KafkaConnectionError, KafkaError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaConnectionError, KafkaError) as exc:
                 if self._stopping.is_set():
                     raise
                 log.warning("stage %s: broker unavailable (%s); retrying in %.1fs", self.name, exc, delay)

@@ -15,7 +15,6 @@ from channels.types import (
     DeliveryResult,
     MatchedInbound,
     OutboundReply,
-    RawInbound,
     encoder,
     matched_decoder,
     raw_decoder,

@@ -6,16 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from channels.email import compose_reply
-from channels.smtp import deliver
-from channels.types import ChannelError, DeliveryResult, OutboundReply
 from ticketing.db import create_pool, migrate
 from workers import bus
 from workers.embedded import EmbeddedBroker, EmbeddedPostgres
-from workers.mailpoll import MailPoller
 from workers.relay import run_relay
 from workers.runtime import Runtime, load_accounts, load_rules
 from workers.settings import Settings
@@ -25,10 +21,9 @@ from workers.stages import (
     receipts_handler,
     ticketing_handler,
 )
+from workers.wiring import StageFactory, all_pollers, all_senders
 
 log = logging.getLogger(__name__)
-
-StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -132,28 +127,7 @@ async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
     action()
 
 
-def email_sender(rt: Runtime) -> Callable[[OutboundReply], Awaitable[DeliveryResult]]:
-    accounts = rt.email_accounts
-
-    async def send(reply: OutboundReply) -> DeliveryResult:
-        account = accounts.get(reply.account)
-        if account is None:
-            raise ChannelError(f"no e-mail account named {reply.account!r} is configured", permanent=True)
-        message = compose_reply(reply, from_address=account.address)
-        return await deliver(account, message)
-
-    return send
-
-
-def senders(rt: Runtime) -> dict[str, Callable[[OutboundReply], Awaitable[DeliveryResult]]]:
-    """The delivery function of every outbound channel that has configured accounts."""
-    found = {}
-    if rt.channels.get("email"):
-        found["email"] = email_sender(rt)
-    return found
-
-
-STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers")
+STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler")
 
 
 def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
@@ -171,14 +145,18 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
             f"delivery-{channel}": _consumer(
                 rt, f"delivery-{channel}", [bus.outbound_topic(channel)], delivery_handler(rt, channel, send)
             )
-            for channel, send in senders(rt).items()
+            for channel, send in all_senders(rt).items()
         }
     if stage == "pollers":
-        tasks: dict[str, StageFactory] = {}
-        for account in rt.email_accounts.values():
-            poller = MailPoller(rt, account)
-            tasks[f"poll-email-{account.name}"] = poller.run
-        return tasks
+        return all_pollers(rt)
+    if stage == "ocr":
+        from workers.wire_fax import ocr_tasks
+
+        return ocr_tasks(rt)
+    if stage == "scheduler":
+        from workers.scheduler import scheduler_tasks
+
+        return scheduler_tasks(rt)
     raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
 
 
