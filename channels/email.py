@@ -158,11 +158,20 @@ def _parse_header(name: str, raw: str, problems: _Problems):  # type: ignore[no-
         return None
 
 
-def _decode_plain(raw: str) -> str:
-    """RFC 2047 decoding without structure, for headers the structured parser rejects."""
+def _decode_plain(raw: str, problems: _Problems | None = None) -> str:
+    """RFC 2047 decoding without structure; unknown charsets fall back as body text does."""
     value = " ".join(_undo_surrogates(raw).split())
     try:
-        return str(make_header(decode_header(value)))
+        chunks = decode_header(value)
+        usable: list[tuple[bytes | str, str | None]] = []
+        for chunk, charset in chunks:
+            if isinstance(chunk, bytes) and charset not in (None, "unknown-8bit"):
+                # Decode here, so an unknown charset costs one character's guess, not the header.
+                text = _decode_text(chunk, charset, problems or _Problems())
+                usable.append((text.encode("utf-8"), "utf-8"))
+            else:
+                usable.append((chunk, charset))
+        return _undo_surrogates(str(make_header(usable)))
     except (email_errors.HeaderParseError, LookupError, UnicodeError, ValueError):
         return value
 
@@ -170,11 +179,15 @@ def _decode_plain(raw: str) -> str:
 def _header_text(name: str, raw: str, problems: _Problems) -> str:
     header = _parse_header(name, raw, problems)
     if header is None:
-        return _clean(_decode_plain(raw[:MAX_HEADER_CHARS]))
-    for defect in getattr(header, "defects", ()):
-        if type(defect).__name__ == "UndecodableBytesDefect" or "charset" in str(defect).lower():
-            problems.add(f"{name} header: {str(defect)[:200]}")
-    return _clean(" ".join(str(header).split()))
+        return _clean(_decode_plain(raw[:MAX_HEADER_CHARS], problems))
+    text = " ".join(str(header).split())
+    if "\ufffd" in text and "=?" in raw:
+        # The policy replaces words in unknown charsets; decode them the tolerant way instead.
+        found = _Problems()
+        text = _decode_plain(raw[:MAX_HEADER_CHARS], found)
+        for problem in found.items:
+            problems.add(f"{name} header: {problem}")
+    return _clean(text)
 
 
 def _addresses(name: str, raw: str, problems: _Problems) -> list[tuple[str, str]]:
@@ -186,8 +199,11 @@ def _addresses(name: str, raw: str, problems: _Problems) -> list[tuple[str, str]
             pairs = [(item.display_name, item.addr_spec) for item in header.addresses]
         except Exception as exc:  # malformed group syntax and similar
             problems.add(f"{name} header addresses unreadable ({_describe(exc)})")
-    if not any(address for _, address in pairs):
-        pairs = getaddresses([_decode_plain(raw[:MAX_HEADER_CHARS])])
+    unknown_charset = _Problems()
+    plain = _decode_plain(raw[:MAX_HEADER_CHARS], unknown_charset)
+    if not any(address for _, address in pairs) or unknown_charset.items:
+        # The policy lost the display name (unknown charset) or found no address at all.
+        pairs = getaddresses([plain])
     return [(_clean(display), _clean(address).strip().strip("<>")) for display, address in pairs]
 
 

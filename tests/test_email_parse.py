@@ -195,6 +195,8 @@ def test_attachment_over_the_limit_is_dropped(store: DiskBlobStore) -> None:
 
 def test_hostile_attachment_filename_is_sanitized(store: DiskBlobStore) -> None:
     raw = parse("outlook_reply_bad_filename.eml", store)
+    assert strip_quoted(raw.body_text) == "Terima kasih, datanya sudah kami terima.\n\nWahyu"
+    assert ticket_hints(raw) == [12]
     [attachment] = raw.attachments
     assert attachment.filename == "passwd.txt"
     assert store.get(attachment.sha256).startswith(b"root:x:0:0")
@@ -515,3 +517,22 @@ def test_threading_round_trip(store: DiskBlobStore) -> None:
     del only_address["In-Reply-To"], only_address["References"], only_address["Subject"]
     parsed = parse_email(bytes(only_address), account="helpdesk", external_id="addr", blobs=store)
     assert ticket_hints(parsed) == [7]
+
+
+def test_unknown_charset_in_encoded_words(store: DiskBlobStore) -> None:
+    data = (
+        b"From: =?x-foo?q?Bud=E9?= <Budi@Example.ORG>\r\n"
+        b"Subject: Re: =?x-foo?q?caf=E9?= dan =?utf-8?q?kopi?= ok\r\n\r\nhalo\r\n"
+    )
+    raw = parse_email(data, account="helpdesk", external_id="words", blobs=store)
+    assert raw.sender == "budi@example.org"
+    assert raw.sender_name == "Budé"
+    assert raw.subject == "Re: café dan kopi ok"
+    assert "subject header: charset x-foo unknown, decoded as latin-1" in raw.problems
+
+
+def test_raw_utf8_headers(store: DiskBlobStore) -> None:
+    data = "From: Budi Śantoso <budi@example.org>\r\nSubject: Tolong – café\r\n\r\nhalo\r\n"
+    raw = parse_email(data.encode(), account="helpdesk", external_id="8bit", blobs=store)
+    assert raw.sender_name == "Budi Śantoso"
+    assert raw.subject == "Tolong – café"
