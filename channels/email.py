@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from email import errors as email_errors
 from email import policy
 from email.header import decode_header, make_header
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader
 from email.message import EmailMessage, Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import format_datetime, getaddresses, parsedate_to_datetime
@@ -145,7 +145,7 @@ def _raw_headers(part: Message, problems: _Problems) -> dict[str, list[str]]:
     return found
 
 
-def _parse_header(name: str, raw: str, problems: _Problems):  # type: ignore[no-untyped-def]
+def _parse_header(name: str, raw: str, problems: _Problems) -> BaseHeader | None:
     """The policy's header object for a raw value (shortened first if absurdly long), or None."""
     value = _undo_surrogates(raw)
     if len(value) > MAX_HEADER_CHARS:
@@ -249,9 +249,10 @@ class _PartInfo:
         return values[0] if values else None
 
     @staticmethod
-    def _params(header) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    def _params(header: BaseHeader | None) -> dict[str, str]:
         try:
-            return {str(key).lower(): _clean(str(value)) for key, value in header.params.items()}
+            params = getattr(header, "params", None) or {}
+            return {str(key).lower(): _clean(str(value)) for key, value in params.items()}
         except Exception:  # broken RFC 2231 continuations: no parameters then
             return {}
 
