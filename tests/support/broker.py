@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import signal
 import subprocess
@@ -91,6 +92,8 @@ class TansuBroker:
     def start(cls, log_dir: str | os.PathLike[str] | None = None) -> TansuBroker:
         """Start a broker on a free port and wait until it serves metadata."""
         broker = cls(log_dir=log_dir)
+        # A test run that dies without teardown must not leave a broker behind.
+        atexit.register(broker.kill)
         broker._launch()
         return broker
 

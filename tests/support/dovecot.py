@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import imaplib
 import os
@@ -142,20 +143,26 @@ class DovecotServer:
     ) -> DovecotServer:
         """Write a config under a fresh dir, start Dovecot and wait until it listens.
 
-        Without `tmpdir` the dir is made in the system temp dir and removed by `close()`.
-        Dovecot's unprivileged processes must traverse every parent of `tmpdir`; pytest's
-        basetemp does not suit, since every pytest run resets its parent to mode 0700.
+        The files live in a new dir in the system temp dir, removed by `close()` or at exit:
+        Dovecot's unprivileged processes must traverse every parent of it, and pytest's
+        basetemp does not suit, since each pytest run resets its parent to mode 0700.
+        With `tmpdir`, a `dovecot` link there points at the files (config, log, maildirs).
         """
-        owned = tmpdir is None
-        root = Path(tempfile.mkdtemp(prefix="loket-dovecot-", dir=tmpdir))
+        root = Path(tempfile.mkdtemp(prefix="loket-dovecot-"))
         server = cls(root, tls=tls)
-        server._owns_root = owned
+        server._owns_root = True
+        # A test run that dies without teardown must not leave a Dovecot behind.
+        atexit.register(server.close)
         try:
             server._prepare()
             server._launch()
         except BaseException:
             server.close()
             raise
+        if tmpdir is not None:
+            link = Path(tmpdir) / "dovecot"
+            if not link.exists():
+                link.symlink_to(root, target_is_directory=True)
         return server
 
     def _prepare(self) -> None:
@@ -220,6 +227,7 @@ class DovecotServer:
     def close(self) -> None:
         """Stop the server and remove its files when `start` made the dir itself."""
         self.stop()
+        atexit.unregister(self.close)
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
