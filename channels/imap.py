@@ -214,7 +214,7 @@ class ImapMailbox:
 
     def _on_lost(self, client: aioimaplib.IMAP4, exc: Exception | None) -> None:
         """Fail whatever waits on a connection that is gone, instead of waiting for timeouts."""
-        if client is not self._client:
+        if self._client is None or client is not self._client:
             return
         self._lost = f"connection to {self.account.host}:{self.account.port} lost" + (
             f": {exc}" if exc else ""

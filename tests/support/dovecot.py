@@ -13,6 +13,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -362,7 +363,7 @@ def _quote(mailbox: str) -> str:
     return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _appenduid(data: list[bytes | None]) -> int:
+def _appenduid(data: Sequence[bytes | None]) -> int:
     """The UID from a tagged `OK [APPENDUID validity uid]` answer (Dovecot has UIDPLUS)."""
     text = (data[0] or b"").decode()
     marker = "APPENDUID "
