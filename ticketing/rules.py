@@ -32,9 +32,10 @@ class TicketRules:
     @classmethod
     def from_config(cls, followup_days: float, sections: dict[str, Any]) -> TicketRules:
         sla = sections.get("sla", {})
+        calendar = calendar_from_config(sections.get("calendar", {}))
         return cls(
             followup_window=timedelta(days=followup_days),
-            calendar=calendar_from_config(sections.get("calendar", {})),
-            policies=policies_from_config(sla.get("tiers", {})) if sla.get("tiers") else dict(DEFAULT_POLICIES),
+            calendar=calendar,
+            policies=policies_from_config(sla.get("tiers", {}), calendar=calendar),
             auto_escalate=bool(sla.get("auto_escalate", False)),
         )

@@ -50,8 +50,10 @@ async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # With three replicas, a write is acknowledged once two of them have it.
+        configs = {"min.insync.replicas": "2"} if replication >= 3 else {}
         missing = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=replication)
+            NewTopic(name=t, num_partitions=partitions, replication_factor=replication, topic_configs=configs)
             for t in ALL_TOPICS
             if t not in existing
         ]

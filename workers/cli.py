@@ -89,6 +89,11 @@ async def run_worker(settings: Settings, stage: str) -> None:
             tasks = {"http": lambda stop: _serve_http(rt, supervisor, stop)}
         else:
             tasks = stage_tasks(rt, stage)
+            if settings.metrics_addr:
+                from prometheus_client import start_http_server
+
+                host, _, port = settings.metrics_addr.rpartition(":")
+                start_http_server(int(port), addr=host or "0.0.0.0")
         if not tasks:
             print(f"stage {stage}: nothing to run with this configuration", file=sys.stderr)
         await supervisor.run(tasks)

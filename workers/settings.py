@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     # Idempotent producing needs InitProducerId, which the embedded Tansu broker does not
     # offer; duplicates from producer retries are absorbed by the natural key either way.
     kafka_idempotence: bool = True
+    # Replication of the topics loket creates (3 on a production Kafka cluster).
+    kafka_replication: int = 1
+    # Where a worker process without the HTTP app serves /metrics, e.g. "0.0.0.0:9100".
+    metrics_addr: str | None = None
     log_level: str = "INFO"
     log_json: bool = False
     # Where providers reach this installation (Kannel DLR callbacks, Twilio status callbacks).

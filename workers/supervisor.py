@@ -48,7 +48,7 @@ async def open_runtime(settings: Settings, *, run_migrations: bool = True) -> As
         if run_migrations:
             async with pool.acquire() as conn:
                 await migrate(conn)
-        await bus.ensure_topics(bootstrap, settings.partitions)
+        await bus.ensure_topics(bootstrap, settings.partitions, settings.kafka_replication)
         producer = bus.make_producer(bootstrap, idempotence=settings.kafka_idempotence and broker is None)
         await producer.start()
         from channels.blobs import DiskBlobStore
