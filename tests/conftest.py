@@ -40,10 +40,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
 
 @pytest.fixture(scope="session")
 def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    server = DovecotServer.start(tmp_path_factory.mktemp("dovecot"))
-    server.add_user("helpdesk", HELPDESK_PASSWORD)
-    yield server
-    server.stop()
+    with DovecotServer.start(tmp_path_factory.mktemp("dovecot")) as server:
+        server.add_user("helpdesk", HELPDESK_PASSWORD)
+        yield server
 
 
 @pytest.fixture(scope="session")
