@@ -1,10 +1,48 @@
-"""Scheduled work: SLA escalation of overdue tickets (none yet)."""
+"""Scheduled work: SLA escalation of overdue tickets."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+
+from ticketing.procedure import escalate_overdue
+from ticketing.rules import TicketRules
 from workers.runtime import Runtime
 from workers.wiring import StageFactory
 
+log = logging.getLogger(__name__)
+
+# How often overdue tickets are looked for; deadlines are in hours, a minute is precise enough.
+SLA_INTERVAL_SECONDS = 60.0
+
+
+async def run_sla(
+    pool: asyncpg.Pool,
+    rules: TicketRules,
+    stop: asyncio.Event,
+    *,
+    interval: float = SLA_INTERVAL_SECONDS,
+) -> None:
+    """Escalate overdue tickets every `interval` seconds until `stop` is set.
+
+    Safe to run in several processes: each pass skips the tickets another one holds.
+    """
+    if not rules.auto_escalate:
+        log.info("automatic SLA escalation is off ([sla] auto_escalate = false)")
+        await stop.wait()
+        return
+    while not stop.is_set():
+        async with pool.acquire() as conn:
+            escalated = await escalate_overdue(conn, rules, datetime.now(UTC))
+        if escalated:
+            log.info("escalated %d overdue tickets: %s", len(escalated), escalated)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
 
 def scheduler_tasks(rt: Runtime) -> dict[str, StageFactory]:
-    return {}
+    return {"sla": lambda stop: run_sla(rt.pool, rt.rules, stop)}
