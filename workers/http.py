@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ticketing.db import migrations_current
-from workers import api, webhooks
+from workers import api, desk, webhooks
 from workers.runtime import Runtime
 
 ReadyCheck = Callable[[], dict[str, bool]]
@@ -25,6 +25,7 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
     )
     app.state.runtime = rt
     app.include_router(api.router)
+    app.include_router(desk.router)
     app.include_router(webhooks.router)
 
     @app.get("/healthz", tags=["ops"])
