@@ -51,7 +51,7 @@ def _classify(code: int, text: str) -> ChannelError:
     return ChannelError(f"{code} {text}".strip(), permanent=500 <= code < 600)
 
 
-async def send_message(account: EmailAccount, message: EmailMessage, *, timeout: float = 30) -> None:
+async def send_message(account: EmailAccount, message: EmailMessage, *, timeout: float = 30) -> None:  # noqa: ASYNC109 - passed to the SMTP client
     """Hand a message to the account's SMTP server or raise ChannelError."""
     try:
         await aiosmtplib.send(

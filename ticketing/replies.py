@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from email.utils import parseaddr
 from datetime import UTC, datetime, timedelta
+from email.utils import parseaddr
 from typing import Any
 
 import asyncpg

