@@ -54,13 +54,15 @@ RawHook = Callable[[RawInbound, dict[str, Any]], RawInbound]
 
 
 class MailPoller:
-    """One mailbox of one account (`channel` is "email" or "fax")."""
+    """One mailbox of one account (`channel` is "email" or "fax"), published to `topic`."""
 
     def __init__(self, rt: Runtime, account: EmailAccount, *, channel: str = "email",
-                 prepare: RawHook | None = None, poll_seconds: float | None = None):
+                 prepare: RawHook | None = None, poll_seconds: float | None = None,
+                 topic: str = bus.RAW):
         self.rt = rt
         self.account = account
         self.channel = channel
+        self.topic = topic  # faxes go to bus.FAX for OCR first
         self.prepare = prepare  # channel-specific touches (fax number, OCR hand-off)
         self.poll_seconds = poll_seconds or rt.settings.imap_poll_seconds
         self.scope = account.imap_folder
@@ -128,7 +130,7 @@ class MailPoller:
         published = 0
         async for chunk in mailbox.fetch_new(cursor.acked, chunk=100):
             raws = [self._to_raw(uid, data, cursor) for uid, data in chunk]
-            await bus.publish_all(self.rt.producer, [bus.Publish(bus.RAW, encoder.encode(r), r.key()) for r in raws])
+            await bus.publish_all(self.rt.producer, [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws])
             now = time.time()
             for (uid, _), raw in zip(chunk, raws, strict=True):
                 cursor.pending[uid] = (raw.external_id, now)
