@@ -440,3 +440,34 @@ def test_one_caller_whatever_form_the_number_arrives_in(sms: SmsSetup) -> None:
     assert first["caller_id"] == second["caller_id"] == third["caller_id"]
     assert first["ticket_id"] == second["ticket_id"] == third["ticket_id"]
     assert identities_of(sms.pg_url, first["caller_id"]) == [("phone", number)]
+
+
+def test_caller_who_phoned_is_the_same_caller_by_sms(sms: SmsSetup, agent: httpx.Client) -> None:
+    national = mobile()
+    number = e164(national)
+    # The agent takes the call: registers the caller with the number as typed, logs the problem.
+    typed = f"{national[:4]}-{national[4:8]}-{national[8:]}"
+    caller = agent.post("/api/callers", json={"name": "Bapak Sutrisno", "phone": typed})
+    assert caller.status_code == 201, caller.text
+    caller_id = caller.json()["id"]
+    call = agent.post("/api/tickets", json={"caller_id": caller_id, "channel": "phone",
+                                            "subject": "Tunjangan guru belum masuk",
+                                            "body": "Penelepon menanyakan tunjangan bulan lalu."})  # fmt: skip
+    assert call.status_code == 201, call.text
+    ticket_id = call.json()["id"]
+
+    # Later the same person texts, the number written the gateway's way.
+    sms.kannel.inject_mo(number[1:], SHORT_NUMBER, "Ini nomor SK saya: 421/123")
+    [text] = wait_until(lambda: messages_from(sms.pg_url, number[1:]), what="SMS stored")
+    assert text["caller_id"] == caller_id
+    assert text["ticket_id"] == ticket_id  # the open ticket from the call
+    assert identities_of(sms.pg_url, caller_id) == [("phone", number)]
+    # The answer goes out by SMS, the channel the person last used.
+    reply = agent.post(
+        f"/api/tickets/{ticket_id}/replies", json={"body": "Terima kasih, kami cek."}
+    ).json()
+    assert reply["channel"] == "sms"
+    mt = sms.kannel.wait_mt(
+        lambda m: m.receiver == number and m.text == "Terima kasih, kami cek.", timeout=20
+    )
+    assert mt.sender == SHORT_NUMBER
