@@ -53,12 +53,12 @@ imap_host = "127.0.0.1"
 imap_port = {dovecot.port}
 imap_user = "{FAX_USER}"
 imap_password = "env:TEST_FAX_IMAP_PASSWORD"
-imap_tls = false
+imap_tls = "none"
 number_source = "subject"
 gateway_address = "{{number}}@fax.example.net"
 smtp_host = "127.0.0.1"
 smtp_port = {smtp.port}
-smtp_tls = false
+smtp_tls = "none"
 """
 
 

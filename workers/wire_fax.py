@@ -51,20 +51,45 @@ class FaxSetup:
     languages: tuple[str, ...]
 
 
-def _mail_account(fax: FaxAccount, address: str) -> EmailAccount:
-    """The fax account's IMAP and SMTP halves in the form the mail code takes."""
-    if fax.smtp_tls:
-        smtp_tls = "ssl" if fax.smtp_port == 465 else "starttls"
-    else:
-        smtp_tls = "none"
-    return EmailAccount(
+_TLS_MODES = ("ssl", "starttls", "none")
+
+
+def _tls_mode(value: Any, secure: str, where: str) -> str:
+    """`ssl`, `starttls` or `none`; a boolean (the fax adapter's own form) means `secure` or none."""
+    if isinstance(value, bool):
+        return secure if value else "none"
+    if value in _TLS_MODES:
+        return str(value)
+    raise ValueError(f"{where} must be one of {', '.join(_TLS_MODES)} (or true/false)")
+
+
+def fax_setup(entry: dict[str, Any]) -> FaxSetup:
+    """Build from a `[[channels.fax]]` table; `address` is the From of replies (default: the IMAP user)."""
+    name = entry.get("name")
+    smtp_port = int(entry.get("smtp_port", 587))
+    imap_tls = _tls_mode(entry.get("imap_tls", True), "ssl", f"channels.fax {name!r}: imap_tls")
+    smtp_tls = _tls_mode(
+        entry.get("smtp_tls", True),
+        "ssl" if smtp_port == 465 else "starttls",
+        f"channels.fax {name!r}: smtp_tls",
+    )
+    # FaxAccount keeps TLS as a yes/no; the mail code below gets the exact mode.
+    fax = FaxAccount.from_config(
+        {**entry, "imap_tls": imap_tls != "none", "smtp_tls": smtp_tls != "none"}
+    )
+    address = str(entry.get("address") or fax.imap_user)
+    if "@" not in address:
+        raise ValueError(
+            f"channels.fax {fax.name!r}: set `address`, the From address of fax replies"
+        )
+    mail = EmailAccount(
         name=fax.name,
         address=address,
         imap_host=fax.imap_host,
         imap_port=fax.imap_port,
         imap_user=fax.imap_user,
         imap_password=fax.imap_password,
-        imap_tls="ssl" if fax.imap_tls else "none",
+        imap_tls=imap_tls,
         imap_folder=fax.imap_folder,
         smtp_host=fax.smtp_host,
         smtp_port=fax.smtp_port,
@@ -72,18 +97,8 @@ def _mail_account(fax: FaxAccount, address: str) -> EmailAccount:
         smtp_password=fax.smtp_password or None,
         smtp_tls=smtp_tls,
     )
-
-
-def fax_setup(entry: dict[str, Any]) -> FaxSetup:
-    """Build from a `[[channels.fax]]` table; `address` is the From of replies (default: the IMAP user)."""
-    fax = FaxAccount.from_config(entry)
-    address = str(entry.get("address") or fax.imap_user)
-    if "@" not in address:
-        raise ValueError(
-            f"channels.fax {fax.name!r}: set `address`, the From address of fax replies"
-        )
     languages = tuple(str(lang) for lang in entry.get("ocr_languages") or DEFAULT_LANGUAGES)
-    return FaxSetup(fax=fax, mail=_mail_account(fax, address), languages=languages)
+    return FaxSetup(fax=fax, mail=mail, languages=languages)
 
 
 def fax_setups(rt: Runtime) -> dict[str, FaxSetup]:
