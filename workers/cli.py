@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -167,7 +168,46 @@ def build_parser() -> argparse.ArgumentParser:
     report_sub = report.add_subparsers(dest="report_command", required=True)
     report_open = report_sub.add_parser("open", help="every ticket not closed, by tier and status, oldest first")
     report_open.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser("bench", help="end-to-end benchmark on a fresh database and topic namespace")
+    bench.add_argument("--messages", type=int, default=10_000, help="messages to send (default 10000)")
+    bench.add_argument("--callers", type=int, default=1_000, help="distinct senders (default 1000)")
+    bench.add_argument("--size", type=int, default=200, help="body size in bytes (default 200)")
+    bench.add_argument("--rate", type=float, help="offered messages/s, open loop (default: as fast as possible)")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="`loket worker` processes per stage (default 1 = stages run in this process)")
+    bench.add_argument("--via", choices=["raw", "webhook"], default="raw",
+                       help="publish to the raw topic, or call the Kannel webhook over HTTP")
+    bench.add_argument("--concurrency", type=int, default=64, help="webhook calls in flight (default 64)")
+    bench.add_argument("--email", type=int, default=0, metavar="N",
+                       help="also read an IMAP backlog of at least N messages (appended when missing)")
+    bench.add_argument("--imap-host", default="127.0.0.1")
+    bench.add_argument("--imap-port", type=int, default=143)
+    bench.add_argument("--imap-user", default="")
+    bench.add_argument("--imap-password", default=os.environ.get("LOKET_BENCH_IMAP_PASSWORD", ""),
+                       help="default: LOKET_BENCH_IMAP_PASSWORD")
+    bench.add_argument("--imap-folder", default="INBOX")
+    bench.add_argument("--imap-tls", choices=["none", "starttls", "ssl"], default="none")
+    bench.add_argument("--bootstrap", help="a Kafka broker kept for benchmarking (default: start an embedded one)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_bench_command(settings: Settings, args: argparse.Namespace) -> None:
+    from workers.bench import BenchOptions, format_text, run_bench
+
+    options = BenchOptions(
+        messages=args.messages, callers=args.callers, size=args.size, rate=args.rate,
+        processes=args.processes, via=args.via, concurrency=args.concurrency, email=args.email,
+        imap_host=args.imap_host, imap_port=args.imap_port, imap_user=args.imap_user,
+        imap_password=args.imap_password, imap_folder=args.imap_folder, imap_tls=args.imap_tls,
+        bootstrap=args.bootstrap,
+    )  # fmt: skip
+    result = asyncio.run(run_bench(settings, options))
+    print(json.dumps(result) if args.json else format_text(result))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from workers.report import run_report_open
 
             asyncio.run(run_report_open(settings, as_json=args.json))
+        elif args.command == "bench":
+            run_bench_command(settings, args)
     except ConfigError as exc:
         print(f"loket: {exc}", file=sys.stderr)
         return 2
