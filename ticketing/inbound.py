@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from channels.types import MatchedInbound
-from normalizer.threading import ticket_hints
+from normalizer.threading import subject_ticket_ids, ticket_hints
 from ticketing.rules import TicketRules
 from ticketing.states import on_inbound
 
@@ -79,7 +80,8 @@ async def open_ticket(
 
 
 async def apply_matched(
-    conn: asyncpg.Connection, matched: MatchedInbound, rules: TicketRules
+    conn: asyncpg.Connection, matched: MatchedInbound, rules: TicketRules,
+    own_addresses: frozenset[str] = frozenset(),
 ) -> Applied | None:
     """Store one inbound message on the right ticket; None when it was already stored.
 
@@ -115,9 +117,14 @@ async def apply_matched(
             outcome = "bounce"
 
     if ticket is None:
-        for hinted in ticket_hints(raw):
-            ticket = await _ticket_row(conn, hinted)
-            if ticket is not None:
+        # Our Message-IDs and plus addresses are strong evidence, whoever writes (a colleague
+        # may answer for the caller); a subject token is easy to type, so it only threads
+        # into the caller's own tickets.
+        strong = ticket_hints(msgspec.structs.replace(raw, subject=None), own_addresses)
+        for hinted in dict.fromkeys(strong + subject_ticket_ids(raw.subject)):
+            candidate = await _ticket_row(conn, hinted)
+            if candidate is not None and (hinted in strong or candidate["caller_id"] == caller_id):
+                ticket = candidate
                 break
     if ticket is None:
         ticket = await _latest_ticket(conn, caller_id)

@@ -79,12 +79,14 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
 def ticketing_handler(rt: Runtime) -> bus.BatchHandler:
     """MATCHED -> PostgreSQL: one transaction per batch; duplicates are no-ops."""
 
+    own = rt.own_addresses()
+
     async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
         matched: list[MatchedInbound] = [_decode(matched_decoder, r) for r in records]
         applied = []
         async with rt.pool.acquire() as conn, conn.transaction():
             for message in matched:
-                result = await apply_matched(conn, message, rt.rules)
+                result = await apply_matched(conn, message, rt.rules, own)
                 if result is not None:
                     applied.append((message, result))
         now = time.time()
