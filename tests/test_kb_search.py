@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from normalizer.stem import stems
+from normalizer.stem import stem_word, stems
 from tests.support import db
 from ticketing import kb
 from ticketing.db import create_pool, migrate
@@ -279,7 +279,9 @@ async def test_drafts_and_retired_articles_are_not_found_until_published(
             "SELECT count(*) FROM kb_articles WHERE status = 'published'"
         )
         assert await conn.fetchval("SELECT df FROM kb_stems WHERE stem = ''") == published
-        assert await conn.fetchval("SELECT df FROM kb_stems WHERE stem = 'siplah'") == 0
+        assert (
+            await conn.fetchval("SELECT df FROM kb_stems WHERE stem = $1", stem_word("siplah")) == 0
+        )
         expected = await conn.fetchval(
             "SELECT count(*) FROM kb_articles WHERE status = 'published'"
             " AND search_tsv @@ to_tsquery('simple', 'dapodik')"
