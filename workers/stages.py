@@ -22,7 +22,7 @@ from channels.types import (
 )
 from normalizer.canonical import canonicalize
 from ticketing import callers, replies
-from ticketing.inbound import apply_matched
+from ticketing.inbound import apply_matched_batch
 from workers import bus, metrics
 from workers.runtime import Runtime
 
@@ -83,12 +83,9 @@ def ticketing_handler(rt: Runtime) -> bus.BatchHandler:
 
     async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
         matched: list[MatchedInbound] = [_decode(matched_decoder, r) for r in records]
-        applied = []
         async with rt.pool.acquire() as conn, conn.transaction():
-            for message in matched:
-                result = await apply_matched(conn, message, rt.rules, own)
-                if result is not None:
-                    applied.append((message, result))
+            results = await apply_matched_batch(conn, matched, rt.rules, own)
+        applied = [(message, result) for message, result in zip(matched, results, strict=True) if result]
         now = time.time()
         out = []
         for message, result in applied:
