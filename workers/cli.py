@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run everything in one process (embedded infrastructure where none is configured)")
     up.add_argument("--demo", action="store_true", help="send sample traffic through every channel")
     worker = sub.add_parser("worker", help="run one stage (several processes of a stage share its partitions)")
-    worker.add_argument("stage", choices=["normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "http"])
+    worker.add_argument("stage", choices=["normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "kb", "http"])
     sub.add_parser("migrate", help="apply database migrations")
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)

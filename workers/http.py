@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ticketing.db import migrations_current
-from workers import api, console, desk, webhooks
+from workers import api, console, desk, kb_api, webhooks
 from workers.ops_api import router as ops_router
 from workers.runtime import Runtime
 
@@ -27,6 +27,7 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
     app.state.runtime = rt
     app.include_router(api.router)
     app.include_router(desk.router)
+    app.include_router(kb_api.router)
     app.include_router(webhooks.router)
     app.include_router(ops_router)
     app.include_router(console.router)

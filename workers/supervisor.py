@@ -129,7 +129,7 @@ async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
     action()
 
 
-STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler")
+STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "kb")
 
 
 def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
@@ -159,6 +159,10 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
         from workers.scheduler import scheduler_tasks
 
         return scheduler_tasks(rt)
+    if stage == "kb":
+        from workers.kb_suggest import kb_suggest_tasks
+
+        return kb_suggest_tasks(rt)
     raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
 
 
