@@ -301,3 +301,26 @@ def test_search_latency_at_fifty_thousand_articles() -> None:
     print(f"\nKB search at {result.articles} articles, {result.queries} queries x {result.runs} runs:"
           f" p50 {result.p50_ms:.1f} ms, p95 {result.p95_ms:.1f} ms (medians of the runs)")  # fmt: skip
     assert result.articles == 50_000 and result.queries > 0
+
+
+def test_suggestion_stage_picks_tickets_with_a_callers_message() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from workers.bus import PoisonMessage
+    from workers.kb_suggest import tickets_to_suggest
+
+    def record(value: bytes) -> ConsumerRecord:
+        return ConsumerRecord("loket.events", 0, 0, 0, 0, None, value, None, 0, len(value), ())
+
+    events = [
+        b'{"type": "message", "direction": "in", "ticket_id": 7, "outcome": "new"}',
+        b'{"type": "message", "direction": "in", "ticket_id": 8, "outcome": "bounce"}',
+        b'{"type": "message", "direction": "in", "ticket_id": 7, "outcome": "append"}',
+        b'{"type": "message", "direction": "in", "ticket_id": 9, "outcome": "reopen"}',
+        b'{"type": "delivery", "ticket_id": 10}',
+    ]
+    assert tickets_to_suggest([record(e) for e in events]) == [7, 9]
+    with pytest.raises(PoisonMessage):
+        tickets_to_suggest([record(b"not json")])
+    with pytest.raises(PoisonMessage):
+        tickets_to_suggest([record(b'{"type": "message", "direction": "in", "ticket_id": "x"}')])
