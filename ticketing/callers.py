@@ -71,6 +71,47 @@ async def create_with_identity(
     return existing[(identity.kind, identity.value)], False
 
 
+async def create_with_identities(
+    conn: asyncpg.Connection, wanted: Sequence[tuple[Identity, str | None]], *, is_demo: bool = False
+) -> dict[tuple[str, str], tuple[int, bool]]:
+    """`create_with_identity` for many identities in a few round trips.
+
+    Returns (caller_id, created) by (kind, value). An identity another transaction holds
+    already keeps its caller; the caller made for it here is removed again.
+    """
+    unique: dict[tuple[str, str], tuple[Identity, str | None]] = {}
+    for identity, name in wanted:
+        unique.setdefault((identity.kind, identity.value), (identity, name))
+    if not unique:
+        return {}
+    entries = list(unique.values())
+    async with conn.transaction():
+        caller_ids: list[int] = await conn.fetchval(
+            "SELECT array(SELECT nextval('callers_id_seq') FROM generate_series(1, $1))", len(entries)
+        )
+        await conn.execute(
+            "INSERT INTO callers (id, name, is_demo)"
+            " SELECT id, name, $3 FROM unnest($1::bigint[], $2::text[]) AS c(id, name)",
+            caller_ids, [name for _, name in entries], is_demo,
+        )
+        rows = await conn.fetch(
+            "INSERT INTO identities (caller_id, kind, value, display, valid)"
+            " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])"
+            " ON CONFLICT (kind, value) DO NOTHING RETURNING caller_id, kind, value",
+            caller_ids, [i.kind for i, _ in entries], [i.value for i, _ in entries],
+            [i.display for i, _ in entries], [i.valid for i, _ in entries],
+        )
+        found = {(r["kind"], r["value"]): (r["caller_id"], True) for r in rows}
+        unused = [cid for cid, (i, _) in zip(caller_ids, entries, strict=True) if (i.kind, i.value) not in found]
+        if unused:
+            await conn.execute("DELETE FROM callers WHERE id = ANY($1::bigint[])", unused)
+    taken = [i for i, _ in entries if (i.kind, i.value) not in found]
+    if taken:
+        existing = await find_by_identities(conn, taken)
+        found.update({key: (caller_id, False) for key, caller_id in existing.items()})
+    return found
+
+
 async def create_anonymous(conn: asyncpg.Connection, label: str) -> int:
     """A caller with no identity (e.g. a fax whose number could not be read)."""
     return await conn.fetchval("INSERT INTO callers (name) VALUES ($1) RETURNING id", label)

@@ -47,6 +47,12 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
         out: list[bus.Publish] = []
         async with rt.pool.acquire() as conn, conn.transaction():
             known = await callers.find_by_identities(conn, [m.identity for m in messages if m.identity])
+            # Callers for every unknown sender of the batch at once; the first message of each
+            # is the one that created it.
+            fresh = await callers.create_with_identities(conn, [
+                (m.identity, m.raw.sender_name) for m in messages
+                if m.identity and (m.identity.kind, m.identity.value) not in known
+            ])  # fmt: skip
             for message in messages:
                 created = False
                 if message.identity is None:
@@ -54,14 +60,12 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
                     created, reason = True, "sender unknown: new caller"
                 else:
                     key = (message.identity.kind, message.identity.value)
-                    if key in known:
-                        caller_id, reason = known[key], f"identity {key[0]}:{key[1]}"
-                    else:
-                        caller_id, created = await callers.create_with_identity(
-                            conn, message.identity, message.raw.sender_name
-                        )
+                    if key in fresh:
+                        caller_id, created = fresh.pop(key)
                         known[key] = caller_id
                         reason = f"new caller for {key[0]}:{key[1]}" if created else f"identity {key[0]}:{key[1]}"
+                    else:
+                        caller_id, reason = known[key], f"identity {key[0]}:{key[1]}"
                 for extra in message.extra_identities:
                     holder = await callers.attach_identity(conn, caller_id, extra)
                     if holder != caller_id:
