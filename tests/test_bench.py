@@ -107,3 +107,93 @@ def test_bench_reads_an_imap_backlog(tmp_path: Path, dovecot: DovecotServer) -> 
     )  # fmt: skip
     assert again["email"]["appended"] == 0
     assert again["email"]["messages"] == 150
+
+
+# -- the batched writes the benchmark drove: same decisions as one message at a time ----------
+
+
+def _matched(caller_id: int, external_id: str, subject: str | None = None) -> Any:
+    from channels.types import InboundMessage, MatchedInbound, RawInbound
+
+    raw = RawInbound(channel="sms", account="batch", external_id=external_id, sender="+6281299990000",
+                     body_text=f"pesan {external_id}", subject=subject)  # fmt: skip
+    return MatchedInbound(message=InboundMessage(raw=raw, identity=None, body_display=raw.body_text),
+                          caller_id=caller_id)  # fmt: skip
+
+
+async def test_batched_ticketing_decides_like_one_at_a_time(pg_url: str) -> None:
+    from channels.types import Identity
+    from ticketing import callers
+    from ticketing.db import create_pool, migrate
+    from ticketing.inbound import apply_matched_batch, open_ticket
+    from ticketing.rules import TicketRules
+
+    rules = TicketRules.from_config(7.0, {})
+    tag = uuid.uuid4().hex[:8]
+    pool = await create_pool(pg_url, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            made = await callers.create_with_identities(
+                conn, [(Identity("phone", f"+62812{tag}{n}"), None) for n in range(3)]
+                + [(Identity("phone", f"+62812{tag}0"), "twice")]
+            )  # fmt: skip
+            assert len(made) == 3 and all(created for _, created in made.values())
+            again = await callers.create_with_identities(
+                conn, [(Identity("phone", f"+62812{tag}0"), None)]
+            )
+            assert again == {
+                ("phone", f"+62812{tag}0"): (made[("phone", f"+62812{tag}0")][0], False)
+            }
+            fresh, resolved, spam = (made[("phone", f"+62812{tag}{n}")][0] for n in range(3))
+            closed = {}
+            for caller_id, reason in ((resolved, "resolved"), (spam, "spam")):
+                ticket = await open_ticket(conn, caller_id=caller_id, subject="lama", channel="sms",
+                                           account="batch", rules=rules)  # fmt: skip
+                await conn.execute(
+                    "UPDATE tickets SET status = 'closed', close_reason = $2, solution = 'selesai',"
+                    " closed_at = now() - interval '1 hour' WHERE id = $1", ticket, reason,
+                )  # fmt: skip
+                closed[reason] = ticket
+            batch = [
+                _matched(fresh, f"{tag}-1"), _matched(fresh, f"{tag}-2"), _matched(fresh, f"{tag}-1"),
+                _matched(resolved, f"{tag}-3"), _matched(resolved, f"{tag}-4"),
+                _matched(spam, f"{tag}-5"),
+                # A subject token threads into the caller's own ticket, one at a time.
+                _matched(spam, f"{tag}-6", subject=f"Re: [#{closed['spam']}]"),
+                _matched(spam, f"{tag}-7"),
+            ]  # fmt: skip
+            async with conn.transaction():
+                results = await apply_matched_batch(conn, batch, rules)
+            outcomes = [r.outcome if r else None for r in results]
+            assert outcomes == ["new", "append", None, "reopen", "append", "new", "new", "append"]
+            assert results[0].ticket_id == results[1].ticket_id
+            assert results[3].ticket_id == results[4].ticket_id == closed["resolved"]
+            # Spam is never reopened: a new ticket, linked to it; the token names the spam ticket,
+            # which stays closed, so that message opens another new ticket.
+            assert results[5].ticket_id != closed["spam"]
+            assert results[7].ticket_id == results[6].ticket_id
+            linked = await conn.fetchval(
+                "SELECT linked_ticket_id FROM tickets WHERE id = $1", results[5].ticket_id
+            )
+            assert linked == closed["spam"]
+            assert (
+                await conn.fetchval("SELECT status FROM tickets WHERE id = $1", closed["resolved"])
+                == "open"
+            )
+            rows = await conn.fetch(
+                "SELECT external_id, ticket_id, problems, meta FROM messages WHERE account = 'batch'"
+                " AND external_id LIKE $1 ORDER BY id", f"{tag}-%",
+            )  # fmt: skip
+            assert [r["external_id"] for r in rows] == [f"{tag}-{n}" for n in (1, 2, 3, 4, 5, 6, 7)]
+            events = await conn.fetch(
+                "SELECT ticket_id, kind FROM ticket_events WHERE ticket_id = ANY($1::bigint[]) ORDER BY id",
+                list({r.ticket_id for r in results if r}),
+            )  # fmt: skip
+            kinds = [e["kind"] for e in events if e["ticket_id"] == closed["resolved"]]
+            assert kinds == ["created", "reopened", "message", "message"]
+            # Applying the same batch again changes nothing.
+            async with conn.transaction():
+                assert await apply_matched_batch(conn, batch, rules) == [None] * len(batch)
+    finally:
+        await pool.close()
