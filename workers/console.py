@@ -366,6 +366,7 @@ def queue_filters(params: dict[str, str], role: str) -> dict[str, str]:
         "channel": params.get("channel", "") if params.get("channel") in CHANNELS else "",
         "overdue": "1" if params.get("overdue") in ("1", "on", "true") else "",
         "demo": params.get("demo", "") if params.get("demo") in ("0", "1") else "",
+        "q": params.get("q", "").strip()[:200],
     }
 
 
@@ -392,6 +393,14 @@ async def queue_page(
         where.append(_OVERDUE)
     if filters["demo"]:
         where.append(f"t.is_demo = {arg(filters['demo'] == '1')}")
+    if filters["q"]:
+        pattern = arg(
+            "%" + filters["q"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
+        where.append(
+            f"(t.subject ILIKE {pattern} OR EXISTS (SELECT 1 FROM callers qc"
+            f" WHERE qc.id = t.caller_id AND qc.name ILIKE {pattern}))"
+        )
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)
     order = f"(t.status = 'closed'), {_OVERDUE} DESC, {_NEXT_DUE} NULLS LAST, t.id"
