@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import db
 from tests.support.broker import TansuBroker
@@ -623,6 +624,47 @@ def test_x_mention_is_answered_with_a_reply_tweet(
     }
 
 
+def test_messenger_reply_after_a_day_carries_the_human_agent_tag(
+    social: LoketStack, social_db: str, agent: httpx.Client, platforms: Platforms
+) -> None:
+    messenger = Messenger(platforms)
+    sender = messenger.new_sender()
+    payload = json.loads(messenger.event(sender, "Pesan kemarin lusa").body)
+    # The person wrote two days ago: outside the 24-hour window, inside the 7-day one.
+    payload["entry"][0]["messaging"][0]["timestamp"] = int((time.time() - 2 * 86400) * 1000)
+    body = json.dumps(payload).encode()
+    digest = hmac.new(FB_APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"x-hub-signature-256": f"sha256={digest}", "content-type": "application/json"}
+    assert post(social, messenger.path, body, headers).status_code == 200
+    mid = payload["entry"][0]["messaging"][0]["message"]["mid"]
+    [row] = wait_until(lambda: inbound(social_db, "facebook", mid), what="old message ingested")
+    reply_id = send_reply(agent, row["ticket_id"], "Maaf baru kami balas.")
+    wait_until(lambda: reply_status(social_db, reply_id)["status"] == "sent", what="tagged reply")
+    [request] = messenger.sends_to(sender)
+    assert request.json() == {
+        "recipient": {"id": sender},
+        "messaging_type": "MESSAGE_TAG",
+        "tag": "HUMAN_AGENT",
+        "message": {"text": "Maaf baru kami balas."},
+    }
+
+
+def test_telegram_group_message_is_answered_in_the_group(
+    social: LoketStack, social_db: str, agent: httpx.Client, platforms: Platforms
+) -> None:
+    user = next_id() % 10**9
+    group = -(10**12) - next_id() % 10**9
+    update = telegram_update(user, text="Admin, formulir di grup ini error")
+    update["message"]["chat"] = {"id": group, "title": "Operator Sekolah", "type": "supergroup"}
+    external_id = telegram_webhook(social, update)
+    [row] = wait_until(lambda: inbound(social_db, "telegram", external_id), what="group message")
+    assert row["sender"] == str(user)
+    reply_id = send_reply(agent, row["ticket_id"], "Kami cek formulirnya.")
+    wait_until(lambda: reply_status(social_db, reply_id)["status"] == "sent", what="group reply")
+    [request] = [r for r in platforms.tg.calls("/sendMessage") if r.form()["chat_id"] == str(group)]
+    assert request.form()["text"] == "Kami cek formulirnya."
+
+
 # --- polling ------------------------------------------------------------------------------------
 
 
@@ -714,6 +756,39 @@ def test_telegram_polling_backfills_after_restart_without_duplicates(
         ),
         what="cursor advanced after restart",
     )
+
+
+def channel_up(stack: LoketStack, channel: str, account: str) -> float | None:
+    """The `loket_channel_up` gauge of one account, as /metrics shows it."""
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "loket_channel_up" and sample.labels == {
+                "channel": channel,
+                "account": account,
+            }:
+                return float(sample.value)
+    return None
+
+
+def test_telegram_polling_outage_backs_off_and_recovers(
+    social: LoketStack, social_db: str, platforms: Platforms
+) -> None:
+    server = platforms.tg_poll
+    wait_until(lambda: channel_up(social, "telegram", "tg-poll") == 1.0, what="poller healthy")
+    started = time.monotonic()
+    platforms.loop.call(lambda: server.fail_next(3, "server_error", path_contains="/getUpdates"))
+    user = next_id() % 10**9
+    update = telegram_update(user, text="Dikirim saat Telegram gangguan")
+    platforms.loop.call(lambda: server.updates.append(update))
+    wait_until(lambda: channel_up(social, "telegram", "tg-poll") == 0.0, what="channel down")
+    wait_until(
+        lambda: messages_from(social_db, "telegram", str(user)), what="ingested after outage"
+    )
+    elapsed = time.monotonic() - started
+    wait_until(lambda: channel_up(social, "telegram", "tg-poll") == 1.0, what="channel up again")
+    # Three failed polls, then pauses of 1 s, 2 s and 4 s: the poller backs off, it does not hammer.
+    assert elapsed >= 6.5, elapsed
 
 
 # --- shared contact -----------------------------------------------------------------------------
