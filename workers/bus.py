@@ -158,9 +158,10 @@ class Stage:
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
-                for tp, records in batches.items():
-                    if records:
-                        await self._process(consumer, tp, records)
+                ready = {tp: records for tp, records in batches.items() if records}
+                if ready:
+                    # All partitions of one poll in one batch: one transaction, not one each.
+                    await self._process(consumer, ready)
                 if batches:
                     await metrics.refresh_lag(self.name, consumer)
         finally:
@@ -170,8 +171,11 @@ class Stage:
         self._stopping.set()
 
     async def _process(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
+        records = [record for part in batches.values() for record in part]
+        offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
+        tp = ", ".join(f"{t.topic}[{t.partition}]" for t in offsets)
         started = time.perf_counter()
         try:
             outputs = await self._with_db_patience(records)
@@ -184,7 +188,7 @@ class Stage:
         metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
         metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         try:
-            await consumer.commit({tp: records[-1].offset + 1})
+            await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             # The partition moved to another member during the batch; it will redo
             # the records, which is harmless because every write is keyed.
