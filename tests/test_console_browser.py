@@ -230,12 +230,21 @@ def test_call_from_unknown_number_then_lookup_in_another_format(
         )
     ]
     assert kinds[-5:] == ["note", "pended", "escalated", "escalated", "closed"]
-    assert (
-        db.fetchval(
-            pg_url, "SELECT count(*) FROM kb_articles WHERE source_ticket_id = $1", ticket_id
-        )
-        == 1
+    article_id = db.fetchval(
+        pg_url, "SELECT id FROM kb_articles WHERE source_ticket_id = $1", ticket_id
     )
+    assert article_id is not None
+
+    # Once that solution is published, the next call about the same problem is shown it.
+    manager = stack.client(role="manager")
+    published = manager.patch(f"/api/kb/{article_id}", json={"status": "published"})
+    assert published.status_code == 200, published.text
+    page.goto(f"{stack.url}/callers/{caller_id}")
+    page.fill("#c-subject", "Akun Dapodik terkunci lagi")
+    page.fill("#c-body", "Penelepon kembali tidak bisa masuk ke Dapodik.")
+    page.click("#new-ticket button")
+    expect(page.locator("#kb")).to_contain_text("Kata sandi direset oleh tim pusat.")
+    page.screenshot(path=artifacts / "console-ticket-kb.png", full_page=True)
 
 
 # --- live queue, reply ---------------------------------------------------------------------

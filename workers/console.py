@@ -161,7 +161,12 @@ def _translator(request: Request) -> Translator:
 
 
 def _has_route(request: Request, path: str) -> bool:
-    return any(getattr(route, "path", None) == path for route in request.app.routes)
+    """Whether this installation serves `path` (optional APIs: KB search, ops summary).
+
+    Read from the OpenAPI document, which the app builds once and keeps: included routers
+    are not flattened into `app.routes`.
+    """
+    return path in request.app.openapi().get("paths", {})
 
 
 def _render(
