@@ -117,6 +117,7 @@ class ShuntRecord(msgspec.Struct, kw_only=True):
 
 
 BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[list[Publish]]]
+COMMIT_TIMEOUT = 20.0
 
 
 @dataclass
@@ -135,11 +136,17 @@ class Stage:
     max_attempts: int = 3
     batch_size: int = 500
     group_id: str | None = None
+    # When set, the stage (re)creates the pipeline's topics before consuming: an in-memory
+    # broker that restarted has none, and topics auto-created by a producer do not serve commits.
+    partitions: int = 0
+    replication: int = 1
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def run(self) -> None:
+        if self.partitions:
+            await ensure_topics(self.bootstrap, self.partitions, self.replication)
         consumer = AIOKafkaConsumer(
             *self.topics,
             bootstrap_servers=self.bootstrap,
@@ -188,7 +195,13 @@ class Stage:
         metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
         metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         try:
-            await consumer.commit(offsets)
+            # aiokafka retries a refused commit for ever; a broker that lost its state refuses
+            # this consumer's commits for good, so give up and let the supervisor start afresh.
+            await asyncio.wait_for(consumer.commit(offsets), timeout=COMMIT_TIMEOUT)
+        except TimeoutError:
+            log.warning("stage %s: commit for %s not accepted in %.0fs; restarting the consumer",
+                        self.name, tp, COMMIT_TIMEOUT)
+            raise
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             # The partition moved to another member during the batch; it will redo
             # the records, which is harmless because every write is keyed.

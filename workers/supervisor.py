@@ -114,7 +114,8 @@ class Supervisor:
 def _consumer(rt: Runtime, name: str, topics: list[str], handler: bus.BatchHandler) -> StageFactory:
     async def run(stop: asyncio.Event) -> None:
         stage = bus.Stage(name=name, topics=topics, handle=handler, bootstrap=rt.bootstrap,
-                          producer=rt.producer, max_attempts=rt.settings.max_attempts)
+                          producer=rt.producer, max_attempts=rt.settings.max_attempts,
+                          partitions=rt.settings.partitions, replication=rt.settings.kafka_replication)
         watcher = asyncio.create_task(_stop_when(stop, stage.stop))
         try:
             await stage.run()
