@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import time
 import uuid
 from collections.abc import Iterator
@@ -347,7 +348,6 @@ def test_hostile_message_renders_as_text(
     expect(page.locator(".timeline .body")).to_contain_text("<img src=x onerror=alert('isi')>")
     page.locator(".timeline details summary").click()  # the sanitized HTML, sandboxed
     page.wait_for_timeout(1000)
-    page.screenshot(path=artifacts / "console-xss.png", full_page=True)
 
     assert dialogs == []
     assert page.locator("img[src='x']").count() == 0
@@ -355,8 +355,10 @@ def test_hostile_message_renders_as_text(
     sources = page.eval_on_selector_all("script", "nodes => nodes.map(n => n.getAttribute('src'))")
     assert sources == ["/static/htmx.min.js", "/static/console.js"]
     frame = page.frame_locator(".timeline iframe")
+    expect(frame.locator("body")).to_contain_text(f"Halo {token}")  # the sanitized HTML is shown
     assert frame.locator("script").count() == 0
     assert frame.locator("[onerror]").count() == 0
+    page.screenshot(path=artifacts / "console-xss.png", full_page=True)
 
     # The attachment is a download, never a page of ours.
     link = page.locator(".attachments a", has_text="laporan.html")
@@ -462,13 +464,22 @@ def test_queue_page_load_with_10000_tickets(
 ) -> None:
     assert db.fetchval(big_stack.database_url, "SELECT count(*) FROM tickets") == 10_000
     page = login(browser, big_stack, role="admin")
-    timings: dict[str, float] = {}
+    timings: dict[str, dict[str, float]] = {}
     for name, query in (("first page", "/"), ("page 50 of all", "/?status=all&page=50"),
                         ("overdue at support", "/?tier=support&overdue=1")):  # fmt: skip
-        started = time.perf_counter()
-        page.goto(f"{big_stack.url}{query}", wait_until="load")
-        timings[name] = round((time.perf_counter() - started) * 1000, 1)
-        assert page.locator("#queue tr[data-ticket]").count() == 100
+        loads, responses = [], []
+        for _ in range(5):
+            started = time.perf_counter()
+            page.goto(f"{big_stack.url}{query}", wait_until="load")
+            loads.append((time.perf_counter() - started) * 1000)
+            assert page.locator("#queue tr[data-ticket]").count() == 100
+            started = time.perf_counter()
+            assert page.request.get(f"{big_stack.url}{query}").status == 200
+            responses.append((time.perf_counter() - started) * 1000)
+        timings[name] = {
+            "browser load ms (median of 5)": round(statistics.median(loads), 1),
+            "server response ms (median of 5)": round(statistics.median(responses), 1),
+        }
     expect(page.locator("#queue .summary")).to_contain_text("tiket")
     page.goto(f"{big_stack.url}/")
     page.screenshot(path=artifacts / "console-queue-10000.png")

@@ -320,12 +320,12 @@ async def login_submit(request: Request) -> Response:
             )
         token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
     _throttle.succeeded(username, address)
-    response = _redirect(target)
-    response.set_cookie(
+    redirect = _redirect(target)
+    redirect.set_cookie(
         SESSION_COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https",
         max_age=int(rt.settings.session_hours * 3600),
     )  # fmt: skip
-    return response
+    return redirect
 
 
 @router.post("/logout")
@@ -646,8 +646,8 @@ async def caller_register(request: Request) -> Response:
                     error = t("register.taken", value=exc.identity.value, caller_id=exc.caller_id)
     if caller_id is not None:
         return _redirect(f"/callers/{caller_id}")
-    context = {"phone": values["phone"], "q": "", "found": [], "error": error, "normalized": None,
-               "form": values}  # fmt: skip
+    context: dict[str, Any] = {"phone": values["phone"], "q": "", "found": [], "error": error,
+                               "normalized": None, "form": values}  # fmt: skip
     return _render(request, "callers.html", context, status=422, agent=agent)
 
 

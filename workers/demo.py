@@ -188,9 +188,9 @@ CALLS = [
         "withdrawn",
     ),
 ]
-TRICKLE = [
+TRICKLE: list[tuple[str, str, str]] = [
     ("sms", "0812-8765-4321", "Min, sudah ada kabar soal NISN anak saya?"),
-    ("telegram", 7100003, "Apakah ada webinar literasi digital bulan ini?"),
+    ("telegram", "7100003", "Apakah ada webinar literasi digital bulan ini?"),
     (
         "email",
         "kepala.sekolah@smkn2-medan.sch.id",
@@ -404,8 +404,8 @@ async def _first_burst(rt: Runtime, accounts: DemoAccounts) -> None:
         await send_telegram(rt, accounts, user_id, first, last, text)
     for psid, text in FACEBOOK:
         await send_facebook(rt, accounts, psid, text)
-    for user_id, name, handle, text in TWITTER:
-        await send_twitter(rt, accounts, user_id, name, handle, text)
+    for x_user_id, name, handle, text in TWITTER:
+        await send_twitter(rt, accounts, x_user_id, name, handle, text)
 
 
 async def _trickle(rt: Runtime, accounts: DemoAccounts) -> None:
@@ -413,13 +413,13 @@ async def _trickle(rt: Runtime, accounts: DemoAccounts) -> None:
         await asyncio.sleep(TRICKLE_EVERY_SECONDS)
         channel, sender, text = TRICKLE[i % len(TRICKLE)]
         if channel == "sms":
-            await send_sms(rt, accounts, str(sender), text)
+            await send_sms(rt, accounts, sender, text)
         elif channel == "telegram":
             await send_telegram(rt, accounts, int(sender), "Warga", "Demo", text)
         elif channel == "facebook":
-            await send_facebook(rt, accounts, str(sender), text)
+            await send_facebook(rt, accounts, sender, text)
         else:
-            await send_email(rt, "Kepala Sekolah", str(sender), "Surat edaran libur semester", text)
+            await send_email(rt, "Kepala Sekolah", sender, "Surat edaran libur semester", text)
         async with rt.pool.acquire() as conn:
             await _mark_demo_callers(conn)
 
