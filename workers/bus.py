@@ -99,6 +99,36 @@ class PoisonMessage(Exception):
     """A message that can never succeed (undecodable, invalid): shunt it without retrying."""
 
 
+class _RawTrace(msgspec.Struct):
+    trace_id: str | None = None
+
+
+class _MessageTrace(msgspec.Struct):
+    raw: _RawTrace | None = None
+
+
+class _TraceProbe(msgspec.Struct):
+    """The trace id wherever a topic's message carries it (raw, reply, or matched.message.raw)."""
+
+    trace_id: str | None = None
+    message: _MessageTrace | None = None
+
+
+def trace_id_of(value: bytes | None) -> str | None:
+    """The trace id inside a record's payload, or None when there is none to be read."""
+    if not value:
+        return None
+    try:
+        probe = msgspec.json.decode(value, type=_TraceProbe)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if probe.trace_id:
+        return probe.trace_id
+    if probe.message is not None and probe.message.raw is not None:
+        return probe.message.raw.trace_id
+    return None
+
+
 class ShuntRecord(msgspec.Struct, kw_only=True):
     """What lands on `loket.shunt`: the message as it was, and why it failed where."""
 
@@ -114,6 +144,7 @@ class ShuntRecord(msgspec.Struct, kw_only=True):
     traceback: str
     attempts: int
     at: float = msgspec.field(default_factory=time.time)
+    trace_id: str | None = None
 
 
 BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[list[Publish]]]
@@ -234,8 +265,9 @@ class Stage:
                 if attempts >= self.max_attempts:
                     return [self._shunt(record, exc, attempts)]
                 metrics.STAGE_RETRIES.labels(self.name).inc()
-                log.warning("stage %s: attempt %d failed at %s@%d: %s", self.name, attempts,
-                            record.topic, record.offset, exc)
+                trace_id = trace_id_of(record.value)
+                log.warning("stage %s: attempt %d failed at %s@%d (trace %s): %s", self.name, attempts,
+                            record.topic, record.offset, trace_id, exc, extra={"trace_id": trace_id})
                 await asyncio.sleep(0.05 * attempts)
 
     def _shunt(self, record: ConsumerRecord, exc: BaseException, attempts: int) -> Publish:
@@ -258,9 +290,10 @@ class Stage:
             error=f"{type(exc).__name__}: {exc}",
             traceback="".join(traceback.format_exception(exc))[-8000:],
             attempts=attempts,
+            trace_id=trace_id_of(value),
         )
-        log.error("stage %s: shunted %s@%d after %d attempts: %s", self.name, record.topic,
-                  record.offset, attempts, shunt.error)
+        log.error("stage %s: shunted %s@%d after %d attempts (trace %s): %s", self.name, record.topic,
+                  record.offset, attempts, shunt.trace_id, shunt.error, extra={"trace_id": shunt.trace_id})
         return Publish(SHUNT, msgspec.json.encode(shunt), record.key)
 
     async def _publish_with_patience(self, outputs: list[Publish]) -> None:

@@ -20,12 +20,19 @@ from workers.settings import ConfigError, Settings
 log = logging.getLogger("loket")
 
 
+# Attributes every LogRecord has; anything else was given with `extra=` (trace_id, ...).
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": record.created, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        for name, value in vars(record).items():
+            if name not in _STANDARD_ATTRS and name not in entry:
+                entry[name] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(settings: Settings) -> None:
@@ -169,7 +176,46 @@ def build_parser() -> argparse.ArgumentParser:
     report_open = report_sub.add_parser("open", help="every ticket not closed, by tier and status, oldest first")
     report_open.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_bench_parser(sub)
+    add_ops_parsers(sub)
     return parser
+
+
+def add_ops_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    status = sub.add_parser("status", help="per-stage lag and rate, shunt, outbox and channel health; exit 1 on an outage")
+    status.add_argument("--json", action="store_true", help="print JSON instead of the screen")
+    status.add_argument("--stall-seconds", type=float, default=60.0,
+                        help="a stage with work waiting and no progress this long is an outage (default 60)")
+    status.add_argument("--lag-warning", type=int, default=1000, help="warn above this many waiting records")
+    trace = sub.add_parser("trace", help="the path of one message, by trace id or message id")
+    trace.add_argument("id")
+    trace.add_argument("--json", action="store_true")
+    dlq = sub.add_parser("dlq", help="the shunt: messages a stage gave up on")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="every shunted record, replayed ones marked")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_show = dlq_sub.add_parser("show", help="one record in full: error, traceback, payload")
+    dlq_show.add_argument("ids", nargs="+", metavar="PARTITION:OFFSET")
+    dlq_show.add_argument("--json", action="store_true")
+    dlq_replay = dlq_sub.add_parser("replay", help="republish records to their original topic")
+    dlq_replay.add_argument("ids", nargs="*", metavar="PARTITION:OFFSET")
+    dlq_replay.add_argument("--stage", help="every record shunted by this stage")
+    dlq_replay.add_argument("--all", action="store_true", dest="everything", help="every record")
+    dlq_replay.add_argument("--force", action="store_true", help="also records replayed before")
+    dlq_replay.add_argument("--json", action="store_true")
+
+
+def run_ops_command(settings: Settings, args: argparse.Namespace) -> int:
+    from workers import ops
+
+    if args.command == "status":
+        return asyncio.run(ops.run_status(settings, as_json=args.json, stall_seconds=args.stall_seconds,
+                                          lag_warning=args.lag_warning))
+    if args.command == "trace":
+        return asyncio.run(ops.run_trace(settings, args.id, as_json=args.json))
+    return asyncio.run(ops.run_dlq(
+        settings, args.dlq_command, getattr(args, "ids", []), stage=getattr(args, "stage", None),
+        everything=getattr(args, "everything", False), force=getattr(args, "force", False), as_json=args.json,
+    ))  # fmt: skip
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -229,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_report_open(settings, as_json=args.json))
         elif args.command == "bench":
             run_bench_command(settings, args)
+        elif args.command in ("status", "trace", "dlq"):
+            return run_ops_command(settings, args)
     except ConfigError as exc:
         print(f"loket: {exc}", file=sys.stderr)
         return 2

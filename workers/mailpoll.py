@@ -20,7 +20,7 @@ from channels.imap import ImapAccount, ImapError, ImapMailbox
 from channels.smtp import EmailAccount
 from channels.types import RawInbound, encoder
 from ticketing.db import is_transient
-from workers import bus, metrics
+from workers import bus, metrics, ops
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,15 @@ class MailPoller:
                     await self.sync(mailbox, cursor)
                     await self._advance_committed(cursor)
                     metrics.channel_ok(self.channel, self.account.name, time.time())
+                    await ops.note_channel_ok(self.rt.pool, self.channel, self.account.name)
                     if await mailbox.wait_for_new(timeout=self.poll_seconds if not cursor.pending else 1.0):
                         continue
             except (ImapError, OSError, TimeoutError, bus.KafkaError) as exc:
-                self._down(exc)
+                await self._down(exc)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                self._down(exc)
+                await self._down(exc)
             finally:
                 await mailbox.close()
             if not stop.is_set():
@@ -170,7 +171,8 @@ class MailPoller:
                     pass
                 delay = min(delay * 2, 30.0)
 
-    def _down(self, exc: BaseException) -> None:
+    async def _down(self, exc: BaseException) -> None:
         self.connected, self.last_error = False, f"{type(exc).__name__}: {exc}"
         metrics.channel_down(self.channel, self.account.name)
         log.warning("%s/%s: %s", self.channel, self.account.name, self.last_error)
+        await ops.note_channel_down(self.rt.pool, self.channel, self.account.name, self.last_error)

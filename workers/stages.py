@@ -44,6 +44,10 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
 
     async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
         messages = [canonicalize(_decode(raw_decoder, r), own) for r in records]
+        normalized_at = repr(time.time())
+        for message in messages:
+            # Stored with the message, so a trace shows when the normalizer passed it on.
+            message.raw.meta["normalized_at"] = normalized_at
         out: list[bus.Publish] = []
         async with rt.pool.acquire() as conn, conn.transaction():
             known = await callers.find_by_identities(conn, [m.identity for m in messages if m.identity])
@@ -149,7 +153,10 @@ def delivery_handler(rt: Runtime, channel: str, send: Sender) -> bus.BatchHandle
                 continue
             async with rt.pool.acquire() as conn, conn.transaction():
                 await replies.mark_sent(conn, reply.message_id, result.provider_id)
+                created = await conn.fetchval("SELECT created_at FROM messages WHERE id = $1", reply.message_id)
             metrics.OUTBOUND.labels(channel, reply.account, "sent").inc()
+            if created is not None:
+                metrics.DELIVERY_LATENCY.observe(max(time.time() - created.timestamp(), 0.0))
         return []
 
     return handle

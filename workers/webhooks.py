@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 
 from channels import facebook, kannel, telegram, twilio, twitter
 from channels.types import ChannelError, RejectedInput, WebhookOutcome, encoder
-from workers import bus, metrics
+from workers import bus, metrics, ops
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
             log.error("webhook %s: broker unavailable, answering 503: %s", kind, exc)
             return Response("broker unavailable, retry later", status_code=503, media_type="text/plain")
     metrics.channel_ok(kind, getattr(account, "name", kind), time.time())
+    await ops.note_channel_ok(rt.pool, kind, getattr(account, "name", kind))
     return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)
 
 

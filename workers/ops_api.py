@@ -1,0 +1,55 @@
+"""The ops view's JSON: pipeline summary with small series, message traces, and the shunt."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from workers import ops
+from workers.api import Agent, CurrentAgent, require_role
+from workers.runtime import Runtime
+
+router = APIRouter(prefix="/api/ops", tags=["ops"])
+
+# The console polls the summary; keep a sample for rates and the lag series at most this often.
+SAMPLE_SECONDS = 10.0
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+@router.get("/summary")
+async def summary(request: Request, agent: CurrentAgent) -> dict[str, Any]:
+    """Per-stage lag and rate, shunt count, outbox backlog, channel health, and the last hour per minute."""
+    rt = _runtime(request)
+    status = await ops.collect_status(rt.bootstrap, rt.pool, sample_interval=SAMPLE_SECONDS)
+    document = status.as_json()
+    if status.database is None:
+        async with rt.pool.acquire() as conn:
+            document["series"] = await ops.series(conn)
+    return document
+
+
+@router.get("/trace/{ident}")
+async def trace(ident: str, request: Request, agent: CurrentAgent) -> dict[str, Any]:
+    """The path of a message, by trace id or message id; 404 when nothing carries that id."""
+    rt = _runtime(request)
+    async with rt.pool.acquire() as conn:
+        entries = await ops.shunt_entries(rt.bootstrap, conn)
+        found = await ops.trace(conn, ident, entries)
+    if not found.hops:
+        raise HTTPException(404, f"no stored message and no shunted record carries {ident}")
+    return found.as_json()
+
+
+@router.get("/shunt")
+async def shunt(
+    request: Request, agent: Annotated[Agent, Depends(require_role("manager"))]
+) -> list[dict[str, Any]]:
+    """Shunted records (stage, source, error, when, replayed), oldest first."""
+    rt = _runtime(request)
+    async with rt.pool.acquire() as conn:
+        entries = await ops.shunt_entries(rt.bootstrap, conn)
+    return [entry.summary() for entry in entries]
