@@ -374,8 +374,8 @@ async def collect_status(
     if status.database:
         status.problems.append(f"database unreachable: {status.database}")
 
-    for stage in status.stages:
-        _judge(stage, status, stall_seconds, lag_warning)
+    for stage_status in status.stages:
+        _judge(stage_status, status, stall_seconds, lag_warning)
     for channel in status.channels:
         if channel.state == "down":
             since = f" (last ok {_ago(channel.last_ok_at, now)})" if channel.last_ok_at else ""
