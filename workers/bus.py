@@ -36,6 +36,9 @@ RECEIPTS = "loket.receipts"
 EVENTS = "loket.events"
 SHUNT = "loket.shunt"
 
+# How long the broker may hold a fetch that finds nothing new (the latency of an idle hop).
+FETCH_MAX_WAIT_MS = 50
+
 
 def outbound_topic(channel: str) -> str:
     return f"loket.outbound.{channel}"
@@ -188,6 +191,8 @@ class Stage:
             session_timeout_ms=20000,
             heartbeat_interval_ms=2000,
             max_poll_interval_ms=600000,
+            # A broker that holds an empty fetch for the whole wait delays every hop by it.
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
         await consumer.start()
