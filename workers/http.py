@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,6 +32,19 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(ops_router)
     app.include_router(console.router)
+
+    @app.exception_handler(asyncpg.DataError)
+    async def value_refused(request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        """PostgreSQL cannot hold a value the caller sent (a NUL character, say): the request's fault."""
+        return JSONResponse({"detail": f"value not accepted: {exc}"}, status_code=422)
+
+    @app.exception_handler(asyncpg.InterfaceError)
+    async def database_client_error(request: Request, exc: asyncpg.InterfaceError) -> JSONResponse:
+        # asyncpg reports an argument it cannot encode (an integer past int64) as a ValueError
+        # among its interface errors; the others mean the database is out of reach.
+        if isinstance(exc, ValueError):
+            return JSONResponse({"detail": f"value not accepted: {exc}"}, status_code=422)
+        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
