@@ -418,7 +418,7 @@ async def webhook_server(rt: Runtime) -> AsyncIterator[str]:
     config = uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_level="warning",
                             lifespan="off", access_log=False)  # fmt: skip
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
@@ -577,9 +577,9 @@ def fill_mailbox(opts: BenchOptions, run_id: str) -> tuple[int, int]:
         held = int(data[0] or 0)
         missing = max(0, opts.email - held)
         for i in range(missing):
-            status, data = client.append(folder, None, None, mail_for(i, run_id, opts))
+            status, answer = client.append(folder, None, None, mail_for(i, run_id, opts))
             if status != "OK":
-                raise BenchError(f"IMAP APPEND failed: {data!r}")
+                raise BenchError(f"IMAP APPEND failed: {answer!r}")
         return missing, held + missing
     finally:
         with contextlib.suppress(imaplib.IMAP4.error, OSError):
