@@ -212,6 +212,9 @@ class InProcessStages:
     def members(self) -> dict[str, int]:
         return {group: 1 for group in self.groups.values()}
 
+    def problems(self) -> str:
+        return ""  # this process's own log already holds them
+
     def figures(self) -> dict[str, dict[str, float]]:
         return {name: _stage_figures(_registry_samples(name)) for name in BENCH_STAGES}
 
@@ -266,6 +269,15 @@ class WorkerProcesses:
 
     def members(self) -> dict[str, int]:
         return {group: self.count for group in self.groups.values()}
+
+    def problems(self) -> str:
+        """The warnings and errors the workers logged, for a run that did not finish."""
+        lines = []
+        for stage, process, _, log_path in self.processes:
+            for line in log_path.read_text(errors="replace").splitlines():
+                if " WARNING " in line or " ERROR " in line:
+                    lines.append(f"{stage} pid {process.pid}: {line}")
+        return "\n".join(lines[-40:])
 
     async def _scrape(self, client: httpx.AsyncClient, port: int) -> dict[tuple[str, str], float]:
         response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
@@ -514,7 +526,9 @@ async def wait_stored(
         if count != last:
             last, last_change = count, time.monotonic()
         elif time.monotonic() - last_change > stall_seconds:
-            raise BenchError(f"stuck at {count} of {expected} messages for {stall_seconds:.0f}s")
+            raise BenchError(
+                f"stuck at {count} of {expected} messages for {stall_seconds:.0f}s\n{stages.problems()}"
+            )
         await asyncio.sleep(0.1)
 
 
