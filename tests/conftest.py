@@ -32,7 +32,7 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+def session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
     server = TansuBroker.start(log_dir=tmp_path_factory.mktemp("tansu"))
     yield server
     server.stop()
@@ -71,11 +71,15 @@ smtp_tls = "none"
 
 
 @pytest.fixture(scope="session")
-def stack(pg_url: str, broker: TansuBroker, dovecot: DovecotServer, smtp: SmtpServer,
+def stack(pg_url: str, session_broker: TansuBroker, dovecot: DovecotServer, smtp: SmtpServer,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoketStack]:
-    """One `loket up` for the session's end-to-end tests (tests keep to their own senders)."""
+    """One `loket up` for the session's end-to-end tests (tests keep to their own senders).
+
+    A test that needs a stack of its own gives it its own broker: two stacks on one
+    broker would share consumer groups and process each other's messages.
+    """
     running = LoketStack(
-        database_url=pg_url, bootstrap=broker.bootstrap, config_text=email_config(dovecot, smtp),
+        database_url=pg_url, bootstrap=session_broker.bootstrap, config_text=email_config(dovecot, smtp),
         workdir=tmp_path_factory.mktemp("loket"), extra_env={"TEST_IMAP_PASSWORD": HELPDESK_PASSWORD},
     )
     running.up()

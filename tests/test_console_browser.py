@@ -423,10 +423,9 @@ def test_event_stream_announces_each_new_message(stack: LoketStack, dovecot: Dov
 
 
 @pytest.fixture(scope="module")
-def big_stack(
-    broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LoketStack]:
-    """A loket of its own whose database holds 10,000 tickets."""
+def big_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoketStack]:
+    """A loket of its own (database and broker) whose database holds 10,000 tickets."""
+    broker = TansuBroker.start(log_dir=tmp_path_factory.mktemp("big-tansu"))
     url = db.create_database("loket_console_big")
     running = LoketStack(database_url=url, bootstrap=broker.bootstrap, config_text="",
                          workdir=tmp_path_factory.mktemp("loket-big"))  # fmt: skip
