@@ -151,7 +151,9 @@ class ShuntRecord(msgspec.Struct, kw_only=True):
 
 
 BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[list[Publish]]]
-COMMIT_TIMEOUT = 20.0
+COMMIT_TIMEOUT = 10.0
+# How long one publish may wait for the broker's acknowledgement before it is retried.
+PUBLISH_TIMEOUT = 30.0
 
 
 @dataclass
@@ -174,6 +176,9 @@ class Stage:
     # broker that restarted has none, and topics auto-created by a producer do not serve commits.
     partitions: int = 0
     replication: int = 1
+    # The broker's reset count (see Runtime.watch_broker): when it changes, this consumer's
+    # positions belong to a broker that no longer exists, so the stage ends and is restarted.
+    epoch: Callable[[], int] | None = None
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -188,8 +193,9 @@ class Stage:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_size,
-            session_timeout_ms=20000,
-            heartbeat_interval_ms=2000,
+            # Short, so a restarted member rejoins fast: heartbeats run beside the batch work.
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
             max_poll_interval_ms=600000,
             # A broker that holds an empty fetch for the whole wait delays every hop by it.
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
@@ -198,8 +204,12 @@ class Stage:
         await consumer.start()
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))
+        started_epoch = self.epoch() if self.epoch else 0
         try:
             while not self._stopping.is_set():
+                if self.epoch is not None and self.epoch() != started_epoch:
+                    log.warning("stage %s: the broker came back empty; starting a fresh consumer", self.name)
+                    return
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
                 ready = {tp: records for tp, records in batches.items() if records}
                 if ready:
@@ -305,7 +315,7 @@ class Stage:
         delay = 0.2
         while True:
             try:
-                await publish_all(self.producer, outputs)
+                await asyncio.wait_for(publish_all(self.producer, outputs), timeout=PUBLISH_TIMEOUT)
                 return
             except (TimeoutError, KafkaConnectionError, KafkaError) as exc:
                 if self._stopping.is_set():

@@ -73,6 +73,7 @@ async def run_up(settings: Settings, demo: bool) -> None:
         _install_signals(supervisor.stop)
         tasks = all_tasks(rt)
         tasks["http"] = lambda stop: _serve_http(rt, supervisor, stop)
+        tasks["broker-watch"] = rt.watch_broker
         host, port = settings.host_port()
         print(f"loket is running: API and console at http://{host}:{port}/ (OpenAPI at /openapi.json)")
         for part, description in rt.started.items():
@@ -105,6 +106,7 @@ async def run_worker(settings: Settings, stage: str) -> None:
                 start_http_server(int(port), addr=host or "0.0.0.0")
         if not tasks:
             print(f"stage {stage}: nothing to run with this configuration", file=sys.stderr)
+        tasks["broker-watch"] = rt.watch_broker
         await supervisor.run(tasks)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -59,21 +58,5 @@ def kb_suggest_handler(rt: Runtime) -> bus.BatchHandler:
 
 def kb_suggest_tasks(rt: Runtime) -> dict[str, StageFactory]:
     """The stage's one consumer, for the supervisor."""
+    return {NAME: rt.stage_task(NAME, [bus.EVENTS], kb_suggest_handler(rt), group_id=GROUP)}
 
-    async def run(stop: asyncio.Event) -> None:
-        stage = bus.Stage(
-            name=NAME, topics=[bus.EVENTS], handle=kb_suggest_handler(rt), bootstrap=rt.bootstrap,
-            producer=rt.producer, max_attempts=rt.settings.max_attempts, group_id=GROUP,
-        )  # fmt: skip
-        watcher = asyncio.create_task(_stop_when(stop, stage))
-        try:
-            await stage.run()
-        finally:
-            watcher.cancel()
-
-    return {NAME: run}
-
-
-async def _stop_when(stop: asyncio.Event, stage: bus.Stage) -> None:
-    await stop.wait()
-    stage.stop()

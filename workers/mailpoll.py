@@ -148,13 +148,20 @@ class MailPoller:
                 uidvalidity = await mailbox.connect()
                 self.connected, self.last_error = True, None
                 cursor = await self._load_cursor(uidvalidity)
+                epoch = self.rt.broker_epoch
                 delay = 1.0
                 while not stop.is_set():
+                    if self.rt.broker_epoch != epoch:
+                        # The broker came back empty: what it acknowledged may be gone, so
+                        # read again from what the database has (the cursor's `committed`).
+                        log.warning("%s/%s: the broker was reset; resuming from the committed cursor",
+                                    self.channel, self.account.name)
+                        break
                     await self.sync(mailbox, cursor)
                     await self._advance_committed(cursor)
                     metrics.channel_ok(self.channel, self.account.name, time.time())
                     await ops.note_channel_ok(self.rt.pool, self.channel, self.account.name)
-                    if await mailbox.wait_for_new(timeout=self.poll_seconds if not cursor.pending else 1.0):
+                    if await mailbox.wait_for_new(timeout=min(self.poll_seconds, 5.0) if not cursor.pending else 1.0):
                         continue
             except (ImapError, OSError, TimeoutError, bus.KafkaError) as exc:
                 await self._down(exc)

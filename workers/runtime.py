@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +15,11 @@ from aiokafka import AIOKafkaProducer
 from channels.blobs import DiskBlobStore
 from channels.smtp import EmailAccount
 from ticketing.rules import TicketRules
+from workers import bus
 from workers.settings import Settings, load_channels, other_sections
+
+log = logging.getLogger(__name__)
+StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
 @dataclass
@@ -25,6 +33,48 @@ class Runtime:
     channels: dict[str, list[dict[str, Any]]]
     rules: TicketRules
     started: dict[str, str] = field(default_factory=dict)  # what infrastructure this process started
+    # How often the broker came back without its topics (an in-memory broker restarted).
+    broker_epoch: int = 0
+
+    def stage_task(self, name: str, topics: list[str], handler: bus.BatchHandler, *,
+                   group_id: str | None = None, batch_size: int = 500) -> StageFactory:
+        """A supervised consumer-group stage running `handler` over `topics`."""
+
+        async def run(stop: asyncio.Event) -> None:
+            stage = bus.Stage(
+                name=name, topics=topics, handle=handler, bootstrap=self.bootstrap,
+                producer=self.producer, max_attempts=self.settings.max_attempts,
+                batch_size=batch_size, group_id=group_id, partitions=self.settings.partitions,
+                replication=self.settings.kafka_replication, epoch=lambda: self.broker_epoch,
+            )  # fmt: skip
+            watcher = asyncio.create_task(_stop_when(stop, stage.stop))
+            try:
+                await stage.run()
+            finally:
+                watcher.cancel()
+
+        return run
+
+    async def watch_broker(self, stop: asyncio.Event) -> None:
+        """Notice a broker that came back empty, recreate the topics, and bump the epoch.
+
+        The embedded broker keeps everything in memory: after a restart its topics, offsets
+        and groups are gone, and consumers that kept their old positions would skip the
+        first messages of the new topics. Stages and pollers restart on a new epoch.
+        """
+        while not stop.is_set():
+            try:
+                metadata = await asyncio.wait_for(self.producer.client.fetch_all_metadata(), timeout=5)
+                if bus.RAW not in metadata.topics():
+                    await bus.ensure_topics(self.bootstrap, self.settings.partitions,
+                                            self.settings.kafka_replication)
+                    self.broker_epoch += 1
+                    log.warning("the broker came back without its topics; recreated them (epoch %d)",
+                                self.broker_epoch)
+            except (bus.KafkaError, OSError, TimeoutError) as exc:
+                log.debug("broker watch: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
 
     @property
     def email_accounts(self) -> dict[str, EmailAccount]:
@@ -44,3 +94,8 @@ def load_rules(settings: Settings) -> TicketRules:
 
 def load_accounts(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     return load_channels(settings.config)
+
+
+async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
+    await stop.wait()
+    action()

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ticketing.db import create_pool, migrate
@@ -112,22 +112,7 @@ class Supervisor:
 
 
 def _consumer(rt: Runtime, name: str, topics: list[str], handler: bus.BatchHandler) -> StageFactory:
-    async def run(stop: asyncio.Event) -> None:
-        stage = bus.Stage(name=name, topics=topics, handle=handler, bootstrap=rt.bootstrap,
-                          producer=rt.producer, max_attempts=rt.settings.max_attempts,
-                          partitions=rt.settings.partitions, replication=rt.settings.kafka_replication)
-        watcher = asyncio.create_task(_stop_when(stop, stage.stop))
-        try:
-            await stage.run()
-        finally:
-            watcher.cancel()
-
-    return run
-
-
-async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
-    await stop.wait()
-    action()
+    return rt.stage_task(name, topics, handler)
 
 
 STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "kb")

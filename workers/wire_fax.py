@@ -198,29 +198,8 @@ def ocr_tasks(rt: Runtime) -> dict[str, StageFactory]:
     if not setups:
         return {}
     handler = ocr_handler(rt, setups)
+    return {"ocr": rt.stage_task("ocr", [bus.FAX], handler, batch_size=OCR_BATCH)}
 
-    async def run(stop: asyncio.Event) -> None:
-        stage = bus.Stage(
-            name="ocr",
-            topics=[bus.FAX],
-            handle=handler,
-            bootstrap=rt.bootstrap,
-            producer=rt.producer,
-            max_attempts=rt.settings.max_attempts,
-            batch_size=OCR_BATCH,
-        )
-        watcher = asyncio.create_task(_stop_when(stop, stage))
-        try:
-            await stage.run()
-        finally:
-            watcher.cancel()
-
-    return {"ocr": run}
-
-
-async def _stop_when(stop: asyncio.Event, stage: bus.Stage) -> None:
-    await stop.wait()
-    stage.stop()
 
 
 # --- outbound: the reply as a PDF mailed to the gateway ----------------------------------------
