@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from channels.types import Identity, InboundMessage, RawInbound
 from normalizer.email import bounce_info, email_identity, is_auto_reply, strip_quoted
 from normalizer.identity import identity_for
@@ -10,8 +12,23 @@ from normalizer.phone import normalize_phone
 MAIL_CHANNELS = ("email", "fax")
 
 
+def _without_nul(raw: RawInbound) -> RawInbound:
+    """PostgreSQL text cannot hold NUL; a provider that sends one must not cost the message."""
+    fields = {}
+    for name in ("sender", "sender_name", "subject", "body_text", "body_html"):
+        value = getattr(raw, name)
+        if value and "\x00" in value:
+            fields[name] = value.replace("\x00", "")
+    if not fields:
+        return raw
+    cleaned = msgspec.structs.replace(raw, **fields)
+    cleaned.problems = [*raw.problems, "NUL characters removed"]
+    return cleaned
+
+
 def canonicalize(raw: RawInbound, own_addresses: frozenset[str] = frozenset()) -> InboundMessage:
     """Identity, display body, auto-reply and bounce flags for one raw message (pure)."""
+    raw = _without_nul(raw)
     if raw.channel == "email":
         identity = email_identity(raw.sender, raw.sender_name)
     elif raw.channel == "fax":

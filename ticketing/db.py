@@ -90,8 +90,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an error is about the database being unreachable rather than about the data."""
-    return isinstance(exc, TRANSIENT_ERRORS)
+    """Whether an error is about the database being unreachable rather than about the data.
+
+    asyncpg reports a value it cannot encode as an InterfaceError that is also a
+    ValueError: that is the message's fault, and waiting would never help.
+    """
+    return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, ValueError)
 
 
 def record_to_dict(record: Any) -> dict[str, Any]:
