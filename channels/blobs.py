@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import tempfile
+import re
 from pathlib import Path
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class DiskBlobStore:
@@ -14,21 +17,27 @@ class DiskBlobStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._made: set[str] = set()  # fan-out directories known to exist
+        self._names = itertools.count()
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not _DIGEST.fullmatch(sha256):
             raise ValueError(f"not a sha256 digest: {sha256!r}")
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        target = self.path(digest)
-        if target.exists():
+        folder = os.path.join(self.root, digest[:2], digest[2:4])
+        target = os.path.join(folder, digest)
+        if os.path.exists(target):
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent)
-        with os.fdopen(fd, "wb") as out:
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+        # Write then rename, so a reader never sees half a file; the name is unique to this
+        # process and call, so concurrent writers of the same blob never share a temp file.
+        tmp = f"{target}.{os.getpid()}.{next(self._names)}.tmp"
+        with open(tmp, "xb") as out:
             out.write(data)
         os.replace(tmp, target)
         return digest
