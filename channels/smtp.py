@@ -51,7 +51,12 @@ def _classify(code: int, text: str) -> ChannelError:
     return ChannelError(f"{code} {text}".strip(), permanent=500 <= code < 600)
 
 
-async def send_message(account: EmailAccount, message: EmailMessage, *, timeout: float = 30) -> None:  # noqa: ASYNC109 - passed to the SMTP client
+async def send_message(
+    account: EmailAccount,
+    message: EmailMessage,
+    *,
+    timeout: float = 30,  # noqa: ASYNC109 - handed to the SMTP client
+) -> None:
     """Hand a message to the account's SMTP server or raise ChannelError."""
     try:
         await aiosmtplib.send(
@@ -66,8 +71,11 @@ async def send_message(account: EmailAccount, message: EmailMessage, *, timeout:
         )
     except aiosmtplib.SMTPRecipientsRefused as exc:
         refused = exc.recipients[0] if exc.recipients else None
-        raise _classify(refused.code, refused.message) if refused else ChannelError(
-            "recipient refused", permanent=True) from exc
+        raise (
+            _classify(refused.code, refused.message)
+            if refused
+            else ChannelError("recipient refused", permanent=True)
+        ) from exc
     except aiosmtplib.SMTPResponseException as exc:
         raise _classify(exc.code, exc.message) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:

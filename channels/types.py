@@ -9,7 +9,16 @@ from typing import Literal, Protocol
 import msgspec
 
 Channel = Literal["email", "sms", "fax", "facebook", "twitter", "telegram", "phone", "walk_in"]
-CHANNELS: tuple[str, ...] = ("email", "sms", "fax", "facebook", "twitter", "telegram", "phone", "walk_in")
+CHANNELS: tuple[str, ...] = (
+    "email",
+    "sms",
+    "fax",
+    "facebook",
+    "twitter",
+    "telegram",
+    "phone",
+    "walk_in",
+)
 # Channels that have an outbound delivery stage; phone/walk-in replies are logged, not sent.
 OUTBOUND_CHANNELS: tuple[str, ...] = ("email", "sms", "fax", "facebook", "twitter", "telegram")
 
@@ -111,7 +120,9 @@ class OutboundReply(msgspec.Struct, kw_only=True):
     subject: str | None = None
     body_text: str
     attempt: int = 0
-    headers: dict[str, str] = msgspec.field(default_factory=dict)  # message-id, in-reply-to, references
+    headers: dict[str, str] = msgspec.field(
+        default_factory=dict
+    )  # message-id, in-reply-to, references
     meta: dict[str, str] = msgspec.field(default_factory=dict)
     trace_id: str = msgspec.field(default_factory=new_trace_id)
 
@@ -124,7 +135,9 @@ class DeliveryResult(msgspec.Struct, kw_only=True):
 
     v: int = 1
     status: str  # "sent" | "failed" | "retry"
-    provider_id: str | None = None  # provider's message id (SMTP Message-ID, Telegram message_id, ...)
+    provider_id: str | None = (
+        None  # provider's message id (SMTP Message-ID, Telegram message_id, ...)
+    )
     reason: str | None = None
     retry_after: float | None = None  # seconds, when the provider said so
 

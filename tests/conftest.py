@@ -14,7 +14,11 @@ from tests.support.dovecot import DovecotServer
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack
 
-ARTIFACTS = Path(os.environ.get("LOKET_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get(
+        "LOKET_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"
+    )
+)
 HELPDESK_PASSWORD = "imap-secret-123"
 
 
@@ -52,8 +56,9 @@ def smtp() -> Iterator[SmtpServer]:
     server.stop()
 
 
-def email_config(dovecot: DovecotServer, smtp: SmtpServer, user: str = "helpdesk",
-                 name: str = "helpdesk") -> str:
+def email_config(
+    dovecot: DovecotServer, smtp: SmtpServer, user: str = "helpdesk", name: str = "helpdesk"
+) -> str:
     return f"""
 [[channels.email]]
 name = "{name}"
@@ -71,16 +76,24 @@ smtp_tls = "none"
 
 
 @pytest.fixture(scope="session")
-def stack(pg_url: str, session_broker: TansuBroker, dovecot: DovecotServer, smtp: SmtpServer,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoketStack]:
+def stack(
+    pg_url: str,
+    session_broker: TansuBroker,
+    dovecot: DovecotServer,
+    smtp: SmtpServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LoketStack]:
     """One `loket up` for the session's end-to-end tests (tests keep to their own senders).
 
     A test that needs a stack of its own gives it its own broker: two stacks on one
     broker would share consumer groups and process each other's messages.
     """
     running = LoketStack(
-        database_url=pg_url, bootstrap=session_broker.bootstrap, config_text=email_config(dovecot, smtp),
-        workdir=tmp_path_factory.mktemp("loket"), extra_env={"TEST_IMAP_PASSWORD": HELPDESK_PASSWORD},
+        database_url=pg_url,
+        bootstrap=session_broker.bootstrap,
+        config_text=email_config(dovecot, smtp),
+        workdir=tmp_path_factory.mktemp("loket"),
+        extra_env={"TEST_IMAP_PASSWORD": HELPDESK_PASSWORD},
     )
     running.up()
     yield running

@@ -17,14 +17,20 @@ def test_nul_characters_are_removed_and_noted() -> None:
 
 
 def test_identities_per_channel() -> None:
-    sms = canonicalize(RawInbound(channel="sms", account="k", external_id="1", sender="0812-3456-7890"))
+    sms = canonicalize(
+        RawInbound(channel="sms", account="k", external_id="1", sender="0812-3456-7890")
+    )
     assert (sms.identity.kind, sms.identity.value) == ("phone", "+6281234567890")
-    mail = canonicalize(RawInbound(channel="email", account="h", external_id="<a@b>", sender="Budi@Example.ORG"))
+    mail = canonicalize(
+        RawInbound(channel="email", account="h", external_id="<a@b>", sender="Budi@Example.ORG")
+    )
     assert (mail.identity.kind, mail.identity.value) == ("email", "budi@example.org")
     fax = canonicalize(RawInbound(channel="fax", account="f", external_id="x", sender="gw@fax.example.net",
                                   meta={"fax_number": "021-7418780"}))  # fmt: skip
     assert (fax.identity.kind, fax.identity.value) == ("fax", "+62217418780")
-    unknown_fax = canonicalize(RawInbound(channel="fax", account="f", external_id="y", sender="gw@fax.example.net"))
+    unknown_fax = canonicalize(
+        RawInbound(channel="fax", account="f", external_id="y", sender="gw@fax.example.net")
+    )
     assert unknown_fax.identity is None
     shared = canonicalize(RawInbound(channel="telegram", account="b", external_id="1:3", sender="42",
                                      meta={"shared_phone": "+62 812 3456 7890"}))  # fmt: skip
@@ -36,5 +42,7 @@ def test_auto_reply_flag_only_for_mail() -> None:
     mail = canonicalize(RawInbound(channel="email", account="h", external_id="<c@d>", sender="a@b.c",
                                    headers=headers, body_text="Saya cuti"))  # fmt: skip
     assert mail.auto_reply is True
-    sms = canonicalize(RawInbound(channel="sms", account="k", external_id="2", sender="0812", headers=headers))
+    sms = canonicalize(
+        RawInbound(channel="sms", account="k", external_id="2", sender="0812", headers=headers)
+    )
     assert sms.auto_reply is False

@@ -18,14 +18,27 @@ def compose() -> dict:
 
 def test_compose_parses_and_has_the_production_parts() -> None:
     services = compose()["services"]
-    assert {"kafka-1", "kafka-2", "kafka-3", "postgres", "prometheus", "grafana", "http"} <= set(services)
-    for stage in ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler"):
+    assert {"kafka-1", "kafka-2", "kafka-3", "postgres", "prometheus", "grafana", "http"} <= set(
+        services
+    )
+    for stage in (
+        "normalizer",
+        "ticketing",
+        "receipts",
+        "relay",
+        "delivery",
+        "pollers",
+        "ocr",
+        "scheduler",
+    ):
         assert services[stage]["command"] == ["worker", stage]
 
 
 def test_every_loket_command_is_a_real_subcommand() -> None:
     parser = build_parser()
-    loket_services = {name: s for name, s in compose()["services"].items() if s.get("image") == "loket:latest"}
+    loket_services = {
+        name: s for name, s in compose()["services"].items() if s.get("image") == "loket:latest"
+    }
     assert len(loket_services) >= 10
     for name, service in loket_services.items():
         args = parser.parse_args(service["command"])  # raises SystemExit when not a real subcommand
@@ -54,7 +67,7 @@ def test_kafka_replication_is_three_with_two_in_sync() -> None:
 
 
 def test_dockerfile_and_monitoring_files_exist() -> None:
-    assert "ENTRYPOINT [\"loket\"]" in (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["loket"]' in (ROOT / "Dockerfile").read_text()
     prometheus = yaml.safe_load((ROOT / "config/prometheus/prometheus.yml").read_text())
     assert prometheus["scrape_configs"]
     assert (ROOT / "config/grafana/dashboards/loket.json").exists()

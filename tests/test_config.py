@@ -34,10 +34,18 @@ def test_example_config_loads_every_account(example_env: dict[str, str]) -> None
     assert "value-of" not in repr(email)  # secrets never in a repr that may reach a log
     providers = {entry["provider"]: entry for entry in channels["sms"]}
     assert kannel.KannelAccount.from_config(providers["kannel"]).sendsms_url.endswith("/sendsms")
-    assert twilio.TwilioAccount.from_config(providers["twilio"]).account_sid == example_env["TWILIO_ACCOUNT_SID"]
+    assert (
+        twilio.TwilioAccount.from_config(providers["twilio"]).account_sid
+        == example_env["TWILIO_ACCOUNT_SID"]
+    )
     assert FaxAccount.from_config(channels["fax"][0]).gateway_address == "{number}@fax.example.net"
-    assert facebook.FacebookAccount.from_config(channels["facebook"][0]).page_id == "123456789012345"
-    assert twitter.TwitterAccount.from_config(channels["twitter"][0]).api_url == "https://api.twitter.com"
+    assert (
+        facebook.FacebookAccount.from_config(channels["facebook"][0]).page_id == "123456789012345"
+    )
+    assert (
+        twitter.TwitterAccount.from_config(channels["twitter"][0]).api_url
+        == "https://api.twitter.com"
+    )
     assert telegram.TelegramAccount.from_config(channels["telegram"][0]).secret_token
 
 
@@ -52,7 +60,9 @@ def test_example_service_levels(example_env: dict[str, str]) -> None:
 def test_missing_secret_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOPE_PASSWORD", raising=False)
     path = tmp_path / "loket.toml"
-    path.write_text('[[channels.email]]\nname = "a"\nimap_host = "h"\nimap_password = "env:NOPE_PASSWORD"\n')
+    path.write_text(
+        '[[channels.email]]\nname = "a"\nimap_host = "h"\nimap_password = "env:NOPE_PASSWORD"\n'
+    )
     with pytest.raises(ConfigError, match="NOPE_PASSWORD is not set"):
         load_channels(path)
 

@@ -47,16 +47,20 @@ def stored(pg_url: str, tag: str) -> tuple[int, int]:
 
 
 @pytest.fixture
-def own_stack(dovecot: DovecotServer, smtp: SmtpServer, tmp_path: Path) -> Iterator[tuple[LoketStack, str, str]]:
+def own_stack(
+    dovecot: DovecotServer, smtp: SmtpServer, tmp_path: Path
+) -> Iterator[tuple[LoketStack, str, str]]:
     """A stack with its own broker, database and mailbox user, so faults stay here."""
     user = f"backlog{uuid.uuid4().hex[:6]}"
     dovecot.add_user(user, PASSWORD)
     broker = TansuBroker.start(log_dir=tmp_path)
     pg_url = db.create_database()
     stack = LoketStack(
-        database_url=pg_url, bootstrap=broker.bootstrap,
+        database_url=pg_url,
+        bootstrap=broker.bootstrap,
         config_text=email_config(dovecot, smtp, user=user, name="backlog"),
-        workdir=tmp_path / "loket", extra_env={"TEST_IMAP_PASSWORD": PASSWORD},
+        workdir=tmp_path / "loket",
+        extra_env={"TEST_IMAP_PASSWORD": PASSWORD},
     )
     try:
         yield stack, pg_url, user
@@ -66,8 +70,9 @@ def own_stack(dovecot: DovecotServer, smtp: SmtpServer, tmp_path: Path) -> Itera
         db.drop_database(pg_url)
 
 
-def test_mailbox_filled_while_down_is_fully_ingested(own_stack: tuple[LoketStack, str, str],
-                                                     dovecot: DovecotServer) -> None:
+def test_mailbox_filled_while_down_is_fully_ingested(
+    own_stack: tuple[LoketStack, str, str], dovecot: DovecotServer
+) -> None:
     stack, pg_url, user = own_stack
     tag = uuid.uuid4().hex[:8]
     stack.up()
@@ -82,8 +87,9 @@ def test_mailbox_filled_while_down_is_fully_ingested(own_stack: tuple[LoketStack
     assert stored(pg_url, tag) == (305, 305)
 
 
-def test_stages_killed_mid_batch_lose_and_duplicate_nothing(own_stack: tuple[LoketStack, str, str],
-                                                            dovecot: DovecotServer) -> None:
+def test_stages_killed_mid_batch_lose_and_duplicate_nothing(
+    own_stack: tuple[LoketStack, str, str], dovecot: DovecotServer
+) -> None:
     stack, pg_url, user = own_stack
     tag = uuid.uuid4().hex[:8]
     count = 2000
@@ -97,18 +103,24 @@ def test_stages_killed_mid_batch_lose_and_duplicate_nothing(own_stack: tuple[Lok
         stack.kill(stage)  # SIGKILL: no chance to commit offsets or cursors
         time.sleep(0.3)
         stack.start(stage, "worker", stage)
-    wait_until(lambda: stored(pg_url, tag)[0] >= count, timeout=240, what="all mails after the kills")
+    wait_until(
+        lambda: stored(pg_url, tag)[0] >= count, timeout=240, what="all mails after the kills"
+    )
     elapsed = time.monotonic() - started
     time.sleep(2)  # anything redelivered after the restarts has had time to land
     assert stored(pg_url, tag) == (count, count)
     callers = db.fetchval(
-        pg_url, "SELECT count(DISTINCT caller_id) FROM messages WHERE subject LIKE $1", f"Laporan {tag} %"
+        pg_url,
+        "SELECT count(DISTINCT caller_id) FROM messages WHERE subject LIKE $1",
+        f"Laporan {tag} %",
     )
     assert callers == 50  # 50 distinct senders, no caller created twice in the race
     print(f"\n{count} mails through three SIGKILLed stages in {elapsed:.1f}s")
 
 
-def test_append_to_ticket_latency(own_stack: tuple[LoketStack, str, str], dovecot: DovecotServer) -> None:
+def test_append_to_ticket_latency(
+    own_stack: tuple[LoketStack, str, str], dovecot: DovecotServer
+) -> None:
     """Correctness of the live path one mail at a time; prints the append-to-ticket latency."""
     stack, pg_url, user = own_stack
     stack.up()
@@ -120,5 +132,7 @@ def test_append_to_ticket_latency(own_stack: tuple[LoketStack, str, str], doveco
         wait_until(lambda tag=tag: stored(pg_url, tag)[0] == 1, interval=0.02, what=f"mail {i}")
         latencies.append(time.monotonic() - start)
     assert len(latencies) == 15
-    print(f"\nappend -> ticket row: median {statistics.median(latencies) * 1000:.0f} ms, "
-          f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} mails")
+    print(
+        f"\nappend -> ticket row: median {statistics.median(latencies) * 1000:.0f} ms, "
+        f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} mails"
+    )

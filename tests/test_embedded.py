@@ -22,9 +22,15 @@ def test_up_with_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOKET_")}
     env |= {"LOKET_DATA_DIR": str(tmp_path / "data"), "LOKET_HTTP_ADDR": f"127.0.0.1:{port}"}
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sys.executable, "-m", "workers.cli", "up"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def ready() -> bool:
             assert process.poll() is None, (tmp_path / "up.log").read_text()
             try:
@@ -34,16 +40,36 @@ def test_up_with_embedded_defaults(tmp_path: Path) -> None:
 
         wait_until(ready, timeout=90, what="embedded loket ready")
         added = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "agent", "add", "sari", "--role", "agent",
-             "--password", "rahasia-sari-1"], env=env, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "agent",
+                "add",
+                "sari",
+                "--role",
+                "agent",
+                "--password",
+                "rahasia-sari-1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert added.returncode == 0, added.stderr
-        login = httpx.post(f"http://127.0.0.1:{port}/api/login",
-                           json={"username": "sari", "password": "rahasia-sari-1"}, timeout=10)
+        login = httpx.post(
+            f"http://127.0.0.1:{port}/api/login",
+            json={"username": "sari", "password": "rahasia-sari-1"},
+            timeout=10,
+        )
         assert login.status_code == 200
         token = login.json()["token"]
-        tickets = httpx.get(f"http://127.0.0.1:{port}/api/tickets",
-                            headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        tickets = httpx.get(
+            f"http://127.0.0.1:{port}/api/tickets",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
         assert tickets.status_code == 200 and tickets.json()["total"] == 0
         assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
     finally:

@@ -21,8 +21,13 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def add_agent(conn: asyncpg.Connection, username: str, password: str, role: str,
-                    display_name: str | None = None) -> int:
+async def add_agent(
+    conn: asyncpg.Connection,
+    username: str,
+    password: str,
+    role: str,
+    display_name: str | None = None,
+) -> int:
     """Create an agent, or reset an existing one's password and role."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
@@ -32,11 +37,16 @@ async def add_agent(conn: asyncpg.Connection, username: str, password: str, role
         "INSERT INTO agents (username, password_hash, role, display_name) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (username) DO UPDATE SET password_hash = excluded.password_hash,"
         " role = excluded.role, active = true RETURNING id",
-        username, _hasher.hash(password), role, display_name,
+        username,
+        _hasher.hash(password),
+        role,
+        display_name,
     )
 
 
-async def authenticate(conn: asyncpg.Connection, username: str, password: str) -> dict[str, Any] | None:
+async def authenticate(
+    conn: asyncpg.Connection, username: str, password: str
+) -> dict[str, Any] | None:
     row = await conn.fetchrow("SELECT * FROM agents WHERE username = $1 AND active", username)
     try:
         _hasher.verify(row["password_hash"] if row else _DUMMY_HASH, password)
@@ -49,7 +59,9 @@ async def create_session(conn: asyncpg.Connection, agent_id: int, hours: float) 
     token = secrets.token_urlsafe(32)
     await conn.execute(
         "INSERT INTO agent_sessions (token_hash, agent_id, expires_at) VALUES ($1, $2, $3)",
-        _token_hash(token), agent_id, datetime.now(UTC) + timedelta(hours=hours),
+        _token_hash(token),
+        agent_id,
+        datetime.now(UTC) + timedelta(hours=hours),
     )
     return token
 

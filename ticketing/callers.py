@@ -62,7 +62,11 @@ async def create_with_identity(
         taken_by = await conn.fetchval(
             "INSERT INTO identities (caller_id, kind, value, display, valid)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, value) DO NOTHING RETURNING caller_id",
-            caller_id, identity.kind, identity.value, identity.display, identity.valid,
+            caller_id,
+            identity.kind,
+            identity.value,
+            identity.display,
+            identity.valid,
         )
         if taken_by is not None:
             return caller_id, True
@@ -72,7 +76,10 @@ async def create_with_identity(
 
 
 async def create_with_identities(
-    conn: asyncpg.Connection, wanted: Sequence[tuple[Identity, str | None]], *, is_demo: bool = False
+    conn: asyncpg.Connection,
+    wanted: Sequence[tuple[Identity, str | None]],
+    *,
+    is_demo: bool = False,
 ) -> dict[tuple[str, str], tuple[int, bool]]:
     """`create_with_identity` for many identities in a few round trips.
 
@@ -87,22 +94,32 @@ async def create_with_identities(
     entries = list(unique.values())
     async with conn.transaction():
         caller_ids: list[int] = await conn.fetchval(
-            "SELECT array(SELECT nextval('callers_id_seq') FROM generate_series(1, $1))", len(entries)
+            "SELECT array(SELECT nextval('callers_id_seq') FROM generate_series(1, $1))",
+            len(entries),
         )
         await conn.execute(
             "INSERT INTO callers (id, name, is_demo)"
             " SELECT id, name, $3 FROM unnest($1::bigint[], $2::text[]) AS c(id, name)",
-            caller_ids, [name for _, name in entries], is_demo,
+            caller_ids,
+            [name for _, name in entries],
+            is_demo,
         )
         rows = await conn.fetch(
             "INSERT INTO identities (caller_id, kind, value, display, valid)"
             " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[])"
             " ON CONFLICT (kind, value) DO NOTHING RETURNING caller_id, kind, value",
-            caller_ids, [i.kind for i, _ in entries], [i.value for i, _ in entries],
-            [i.display for i, _ in entries], [i.valid for i, _ in entries],
+            caller_ids,
+            [i.kind for i, _ in entries],
+            [i.value for i, _ in entries],
+            [i.display for i, _ in entries],
+            [i.valid for i, _ in entries],
         )
         found = {(r["kind"], r["value"]): (r["caller_id"], True) for r in rows}
-        unused = [cid for cid, (i, _) in zip(caller_ids, entries, strict=True) if (i.kind, i.value) not in found]
+        unused = [
+            cid
+            for cid, (i, _) in zip(caller_ids, entries, strict=True)
+            if (i.kind, i.value) not in found
+        ]
         if unused:
             await conn.execute("DELETE FROM callers WHERE id = ANY($1::bigint[])", unused)
     taken = [i for i, _ in entries if (i.kind, i.value) not in found]
@@ -125,7 +142,11 @@ async def attach_identity(conn: asyncpg.Connection, caller_id: int, identity: Id
     holder = await conn.fetchval(
         "INSERT INTO identities (caller_id, kind, value, display, valid) VALUES ($1, $2, $3, $4, $5)"
         " ON CONFLICT (kind, value) DO NOTHING RETURNING caller_id",
-        caller_id, identity.kind, identity.value, identity.display, identity.valid,
+        caller_id,
+        identity.kind,
+        identity.value,
+        identity.display,
+        identity.valid,
     )
     if holder is not None:
         return caller_id
@@ -133,35 +154,56 @@ async def attach_identity(conn: asyncpg.Connection, caller_id: int, identity: Id
     return existing[(identity.kind, identity.value)]
 
 
-async def merge(conn: asyncpg.Connection, survivor_id: int, merged_id: int, *, actor: str,
-                agent_id: int | None = None, reason: str = "") -> int:
+async def merge(
+    conn: asyncpg.Connection,
+    survivor_id: int,
+    merged_id: int,
+    *,
+    actor: str,
+    agent_id: int | None = None,
+    reason: str = "",
+) -> int:
     """Move identities, tickets and messages of `merged_id` to `survivor_id`; the old id redirects."""
     if survivor_id == merged_id:
         raise ValueError("a caller cannot be merged into itself")
-    await conn.execute("UPDATE identities SET caller_id = $1 WHERE caller_id = $2", survivor_id, merged_id)
+    await conn.execute(
+        "UPDATE identities SET caller_id = $1 WHERE caller_id = $2", survivor_id, merged_id
+    )
     tickets = await conn.fetch(
         "UPDATE tickets SET caller_id = $1, updated_at = now() WHERE caller_id = $2 RETURNING id",
-        survivor_id, merged_id,
+        survivor_id,
+        merged_id,
     )
-    await conn.execute("UPDATE messages SET caller_id = $1 WHERE caller_id = $2", survivor_id, merged_id)
     await conn.execute(
-        "UPDATE callers SET merged_into = $1, updated_at = now() WHERE id = $2", survivor_id, merged_id
+        "UPDATE messages SET caller_id = $1 WHERE caller_id = $2", survivor_id, merged_id
+    )
+    await conn.execute(
+        "UPDATE callers SET merged_into = $1, updated_at = now() WHERE id = $2",
+        survivor_id,
+        merged_id,
     )
     await conn.executemany(
         "INSERT INTO ticket_events (ticket_id, actor, agent_id, kind, note, data)"
         " VALUES ($1, $2, $3, 'caller_merged', $4, $5)",
-        [(t["id"], actor, agent_id, reason or None, {"from": merged_id, "into": survivor_id}) for t in tickets],
+        [
+            (t["id"], actor, agent_id, reason or None, {"from": merged_id, "into": survivor_id})
+            for t in tickets
+        ],
     )
     return survivor_id
 
 
-async def merge_on_verified_identity(conn: asyncpg.Connection, caller_id: int, holder_id: int,
-                                     identity: Identity) -> int:
+async def merge_on_verified_identity(
+    conn: asyncpg.Connection, caller_id: int, holder_id: int, identity: Identity
+) -> int:
     """A platform-verified identity (e.g. a contact shared through Telegram) joins two callers.
 
     The caller that already held the identity survives: it usually has the longer history.
     """
     return await merge(
-        conn, holder_id, caller_id, actor="system",
+        conn,
+        holder_id,
+        caller_id,
+        actor="system",
         reason=f"{identity.kind} {identity.value} shared by the caller through the platform",
     )

@@ -40,13 +40,16 @@ def _subject_for(matched: MatchedInbound) -> str:
     raw = matched.message.raw
     if raw.subject and raw.subject.strip():
         return raw.subject.strip()[:200]
-    first_line = next((line.strip() for line in matched.message.body_display.splitlines() if line.strip()), "")
+    first_line = next(
+        (line.strip() for line in matched.message.body_display.splitlines() if line.strip()), ""
+    )
     return first_line[:80] or f"{raw.channel} message"
 
 
 async def _ticket_row(conn: asyncpg.Connection, ticket_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT id, caller_id, status, tier, close_reason, closed_at FROM tickets WHERE id = $1", ticket_id
+        "SELECT id, caller_id, status, tier, close_reason, closed_at FROM tickets WHERE id = $1",
+        ticket_id,
     )
 
 
@@ -59,9 +62,18 @@ async def _latest_ticket(conn: asyncpg.Connection, caller_id: int) -> asyncpg.Re
 
 
 async def open_ticket(
-    conn: asyncpg.Connection, *, caller_id: int, subject: str, channel: str, account: str,
-    rules: TicketRules, linked_ticket_id: int | None = None, actor: str = "system",
-    agent_id: int | None = None, is_demo: bool = False, note: str | None = None,
+    conn: asyncpg.Connection,
+    *,
+    caller_id: int,
+    subject: str,
+    channel: str,
+    account: str,
+    rules: TicketRules,
+    linked_ticket_id: int | None = None,
+    actor: str = "system",
+    agent_id: int | None = None,
+    is_demo: bool = False,
+    note: str | None = None,
 ) -> int:
     """Create an open ticket at the agent tier with its SLA deadlines and a `created` event."""
     now = datetime.now(UTC)
@@ -69,18 +81,31 @@ async def open_ticket(
     ticket_id: int = await conn.fetchval(
         "INSERT INTO tickets (caller_id, subject, channel, account, linked_ticket_id,"
         " first_response_due, resolution_due, is_demo) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING id",
-        caller_id, subject, channel, account, linked_ticket_id, first_due, resolution_due, is_demo,
+        caller_id,
+        subject,
+        channel,
+        account,
+        linked_ticket_id,
+        first_due,
+        resolution_due,
+        is_demo,
     )
     await conn.execute(
         "INSERT INTO ticket_events (ticket_id, actor, agent_id, kind, to_status, to_tier, note, data)"
         " VALUES ($1, $2, $3, 'created', 'open', 'agent', $4, $5)",
-        ticket_id, actor, agent_id, note, {"channel": channel, "linked_ticket_id": linked_ticket_id},
+        ticket_id,
+        actor,
+        agent_id,
+        note,
+        {"channel": channel, "linked_ticket_id": linked_ticket_id},
     )
     return ticket_id
 
 
 async def apply_matched(
-    conn: asyncpg.Connection, matched: MatchedInbound, rules: TicketRules,
+    conn: asyncpg.Connection,
+    matched: MatchedInbound,
+    rules: TicketRules,
     own_addresses: frozenset[str] = frozenset(),
 ) -> Applied | None:
     """Store one inbound message on the right ticket; None when it was already stored.
@@ -92,7 +117,9 @@ async def apply_matched(
     raw = message.raw
     exists = await conn.fetchval(
         "SELECT 1 FROM messages WHERE channel = $1 AND account = $2 AND external_id = $3 AND direction = 'in'",
-        raw.channel, raw.account, raw.external_id,
+        raw.channel,
+        raw.account,
+        raw.external_id,
     )
     if exists:
         return None
@@ -105,12 +132,14 @@ async def apply_matched(
         bounced = await conn.fetchrow(
             "UPDATE messages SET status = 'failed', status_reason = $2"
             " WHERE provider_id = $1 AND direction = 'out' RETURNING id, ticket_id",
-            message.bounce_of, message.bounce_reason or "bounced",
+            message.bounce_of,
+            message.bounce_reason or "bounced",
         )
         if bounced is not None:
             await conn.execute(
                 "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'delivery', $2, $3)",
-                bounced["ticket_id"], f"reply bounced: {message.bounce_reason}",
+                bounced["ticket_id"],
+                f"reply bounced: {message.bounce_reason}",
                 {"message_id": bounced["id"], "status": "failed"},
             )
             ticket = await _ticket_row(conn, bounced["ticket_id"])
@@ -133,13 +162,22 @@ async def apply_matched(
         decision = "new"
     else:
         decision = on_inbound(
-            ticket["status"], ticket["closed_at"], now, rules.followup_window,
-            ticket["close_reason"], auto_reply=message.auto_reply,
+            ticket["status"],
+            ticket["closed_at"],
+            now,
+            rules.followup_window,
+            ticket["close_reason"],
+            auto_reply=message.auto_reply,
         )
     if decision == "new":
         ticket_id = await open_ticket(
-            conn, caller_id=caller_id, subject=_subject_for(matched), channel=raw.channel,
-            account=raw.account, rules=rules, linked_ticket_id=ticket["id"] if ticket else None,
+            conn,
+            caller_id=caller_id,
+            subject=_subject_for(matched),
+            channel=raw.channel,
+            account=raw.account,
+            rules=rules,
+            linked_ticket_id=ticket["id"] if ticket else None,
             is_demo=raw.meta.get("demo") == "1",
         )
         outcome = "new"
@@ -164,28 +202,51 @@ async def apply_matched(
         " subject, body_text, body_display, body_html, headers, meta, problems, auto_reply, status,"
         " trace_id, received_at)"
         " VALUES ($1,$2,'in',$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,'received',$15,$16) RETURNING id",
-        ticket_id, caller_id, raw.channel, raw.account, raw.external_id, raw.sender, raw.subject,
-        raw.body_text, message.body_display, raw.body_html, raw.headers, raw.meta, raw.problems,
-        message.auto_reply, raw.trace_id, datetime.fromtimestamp(raw.received_at, UTC),
+        ticket_id,
+        caller_id,
+        raw.channel,
+        raw.account,
+        raw.external_id,
+        raw.sender,
+        raw.subject,
+        raw.body_text,
+        message.body_display,
+        raw.body_html,
+        raw.headers,
+        raw.meta,
+        raw.problems,
+        message.auto_reply,
+        raw.trace_id,
+        datetime.fromtimestamp(raw.received_at, UTC),
     )
     if raw.attachments:
         await conn.executemany(
             "INSERT INTO attachments (message_id, filename, content_type, size, sha256, dropped)"
             " VALUES ($1, $2, $3, $4, $5, $6)",
-            [(message_id, a.filename, a.content_type, a.size, a.sha256, a.dropped) for a in raw.attachments],
+            [
+                (message_id, a.filename, a.content_type, a.size, a.sha256, a.dropped)
+                for a in raw.attachments
+            ],
         )
     await conn.execute(
         "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'message', $2, $3)",
         ticket_id,
         "auto-reply stored" if message.auto_reply else None,
-        {"message_id": message_id, "channel": raw.channel, "trace_id": raw.trace_id,
-         "match": matched.match_reason},
+        {
+            "message_id": message_id,
+            "channel": raw.channel,
+            "trace_id": raw.trace_id,
+            "match": matched.match_reason,
+        },
     )
     if not message.auto_reply:
         await conn.execute(
-            "UPDATE tickets SET last_activity_at = now(), updated_at = now() WHERE id = $1", ticket_id
+            "UPDATE tickets SET last_activity_at = now(), updated_at = now() WHERE id = $1",
+            ticket_id,
         )
-    return Applied(message_id, ticket_id, caller_id, outcome, raw.trace_id, raw.channel, raw.received_at)
+    return Applied(
+        message_id, ticket_id, caller_id, outcome, raw.trace_id, raw.channel, raw.received_at
+    )
 
 
 def _json(value: Any) -> str:
@@ -214,7 +275,9 @@ class _Planned:
 
 
 async def apply_matched_batch(
-    conn: asyncpg.Connection, batch: list[MatchedInbound], rules: TicketRules,
+    conn: asyncpg.Connection,
+    batch: list[MatchedInbound],
+    rules: TicketRules,
     own_addresses: frozenset[str] = frozenset(),
 ) -> list[Applied | None]:
     """`apply_matched` for a batch, with the same decisions, in a handful of round trips.
@@ -292,9 +355,13 @@ async def apply_matched_batch(
 
 
 async def _write_planned(
-    conn: asyncpg.Connection, planned: list[tuple[int, _Planned]],
-    new_tickets: list[tuple[MatchedInbound, int | None]], reopened: list[int], rules: TicketRules,
-    now: datetime, results: list[Applied | None],
+    conn: asyncpg.Connection,
+    planned: list[tuple[int, _Planned]],
+    new_tickets: list[tuple[MatchedInbound, int | None]],
+    reopened: list[int],
+    rules: TicketRules,
+    now: datetime,
+    results: list[Applied | None],
 ) -> None:
     """Write the gathered tickets, reopenings, messages and events: one statement per kind."""
     if not planned:

@@ -25,18 +25,30 @@ def outbound_topic(channel: str) -> str:
     return f"loket.outbound.{channel}"
 
 
-async def enqueue(conn: asyncpg.Connection, topic: str, key: bytes | None, payload: bytes,
-                  available_at: datetime | None = None) -> None:
+async def enqueue(
+    conn: asyncpg.Connection,
+    topic: str,
+    key: bytes | None,
+    payload: bytes,
+    available_at: datetime | None = None,
+) -> None:
     """Add an outbox row (inside the caller's transaction) and wake the relay."""
     await conn.execute(
         "INSERT INTO outbox (topic, key, payload, available_at) VALUES ($1, $2, $3, coalesce($4, now()))",
-        topic, key, payload, available_at,
+        topic,
+        key,
+        payload,
+        available_at,
     )
     await conn.execute("NOTIFY loket_outbox")
 
 
-async def _target(conn: asyncpg.Connection, ticket: asyncpg.Record, channel: str | None,
-                  accounts: dict[str, list[str]]) -> dict[str, Any]:
+async def _target(
+    conn: asyncpg.Connection,
+    ticket: asyncpg.Record,
+    channel: str | None,
+    accounts: dict[str, list[str]],
+) -> dict[str, Any]:
     """Where the reply goes: the channel of the latest message the person sent, unless chosen."""
     rows = await conn.fetch(
         "SELECT channel, account, sender, subject, headers, meta, external_id FROM messages"
@@ -48,7 +60,8 @@ async def _target(conn: asyncpg.Connection, ticket: asyncpg.Record, channel: str
             if row["channel"] in accounts and row["account"] in accounts[row["channel"]]:
                 return dict(row)
     identities = await conn.fetch(
-        "SELECT kind, value FROM identities WHERE caller_id = $1 AND valid ORDER BY id", ticket["caller_id"]
+        "SELECT kind, value FROM identities WHERE caller_id = $1 AND valid ORDER BY id",
+        ticket["caller_id"],
     )
     for identity in identities:
         target_channel = _IDENTITY_CHANNELS.get(identity["kind"])
@@ -63,8 +76,14 @@ async def _target(conn: asyncpg.Connection, ticket: asyncpg.Record, channel: str
 
 
 async def create_reply(
-    conn: asyncpg.Connection, ticket_id: int, body: str, *, agent_id: int | None, actor: str,
-    accounts: dict[str, list[str]], channel: str | None = None,
+    conn: asyncpg.Connection,
+    ticket_id: int,
+    body: str,
+    *,
+    agent_id: int | None,
+    actor: str,
+    accounts: dict[str, list[str]],
+    channel: str | None = None,
 ) -> dict[str, Any]:
     """Write an outbound message and its outbox row; return the message as stored."""
     ticket = await conn.fetchrow("SELECT * FROM tickets WHERE id = $1 FOR UPDATE", ticket_id)
@@ -92,16 +111,33 @@ async def create_reply(
         " subject, body_text, body_display, headers, status, agent_id, sent_at)"
         " VALUES ($1,$2,'out',$3,$4,$5,$6,$7,$8,$8,$9,$10,$11, CASE WHEN $10 = 'sent' THEN now() END)"
         " RETURNING *",
-        ticket_id, ticket["caller_id"], target["channel"], target["account"], actor, recipient,
-        target["subject"] or ticket["subject"], body, headers, "sent" if logged_only else "queued", agent_id,
+        ticket_id,
+        ticket["caller_id"],
+        target["channel"],
+        target["account"],
+        actor,
+        recipient,
+        target["subject"] or ticket["subject"],
+        body,
+        headers,
+        "sent" if logged_only else "queued",
+        agent_id,
     )
     if not logged_only:
         reply = OutboundReply(
-            message_id=message["id"], ticket_id=ticket_id, channel=target["channel"],
-            account=target["account"], recipient=recipient, subject=target["subject"] or ticket["subject"],
-            body_text=body, headers=headers, meta={k: str(v) for k, v in (target["meta"] or {}).items()},
+            message_id=message["id"],
+            ticket_id=ticket_id,
+            channel=target["channel"],
+            account=target["account"],
+            recipient=recipient,
+            subject=target["subject"] or ticket["subject"],
+            body_text=body,
+            headers=headers,
+            meta={k: str(v) for k, v in (target["meta"] or {}).items()},
         )
-        await enqueue(conn, outbound_topic(reply.channel), str(ticket_id).encode(), msgspec.json.encode(reply))
+        await enqueue(
+            conn, outbound_topic(reply.channel), str(ticket_id).encode(), msgspec.json.encode(reply)
+        )
     await conn.execute(
         "UPDATE tickets SET first_response_at = coalesce(first_response_at, now()),"
         " last_activity_at = now(), updated_at = now() WHERE id = $1",
@@ -109,7 +145,10 @@ async def create_reply(
     )
     await conn.execute(
         "INSERT INTO ticket_events (ticket_id, actor, agent_id, kind, data) VALUES ($1, $2, $3, 'reply', $4)",
-        ticket_id, actor, agent_id, {"message_id": message["id"], "channel": target["channel"]},
+        ticket_id,
+        actor,
+        agent_id,
+        {"message_id": message["id"], "channel": target["channel"]},
     )
     return dict(message)
 
@@ -123,12 +162,14 @@ async def mark_sent(conn: asyncpg.Connection, message_id: int, provider_id: str 
         "UPDATE messages SET status = 'sent', provider_id = coalesce($2, provider_id), sent_at = now(),"
         " status_reason = NULL, attempts = attempts + 1 WHERE id = $1 AND status IN ('queued', 'failed')"
         " RETURNING ticket_id",
-        message_id, provider_id,
+        message_id,
+        provider_id,
     )
     if row is not None:
         await conn.execute(
             "INSERT INTO ticket_events (ticket_id, kind, data) VALUES ($1, 'delivery', $2)",
-            row["ticket_id"], {"message_id": message_id, "status": "sent", "provider_id": provider_id},
+            row["ticket_id"],
+            {"message_id": message_id, "status": "sent", "provider_id": provider_id},
         )
 
 
@@ -136,24 +177,33 @@ async def mark_failed(conn: asyncpg.Connection, message_id: int, reason: str) ->
     row = await conn.fetchrow(
         "UPDATE messages SET status = 'failed', status_reason = $2, attempts = attempts + 1"
         " WHERE id = $1 RETURNING ticket_id",
-        message_id, reason,
+        message_id,
+        reason,
     )
     if row is not None:
         await conn.execute(
             "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'delivery', $2, $3)",
-            row["ticket_id"], f"delivery failed: {reason}", {"message_id": message_id, "status": "failed"},
+            row["ticket_id"],
+            f"delivery failed: {reason}",
+            {"message_id": message_id, "status": "failed"},
         )
 
 
-async def schedule_retry(conn: asyncpg.Connection, reply: OutboundReply, delay: float, reason: str) -> None:
+async def schedule_retry(
+    conn: asyncpg.Connection, reply: OutboundReply, delay: float, reason: str
+) -> None:
     """Put the reply back in the outbox for a later attempt and say why on the message."""
     await conn.execute(
         "UPDATE messages SET status_reason = $2, attempts = attempts + 1 WHERE id = $1",
-        reply.message_id, f"retrying in {delay:.0f}s: {reason}",
+        reply.message_id,
+        f"retrying in {delay:.0f}s: {reason}",
     )
     again = msgspec.structs.replace(reply, attempt=reply.attempt + 1)
     await enqueue(
-        conn, outbound_topic(reply.channel), str(reply.ticket_id).encode(), msgspec.json.encode(again),
+        conn,
+        outbound_topic(reply.channel),
+        str(reply.ticket_id).encode(),
+        msgspec.json.encode(again),
         datetime.now(UTC) + timedelta(seconds=delay),
     )
 
@@ -163,13 +213,15 @@ async def apply_receipt(conn: asyncpg.Connection, receipt: DeliveryReceipt) -> i
     if receipt.message_id is not None:
         row = await conn.fetchrow(
             "SELECT id, ticket_id, status FROM messages WHERE id = $1 AND direction = 'out' AND channel = $2",
-            receipt.message_id, receipt.channel,
+            receipt.message_id,
+            receipt.channel,
         )
     else:
         row = await conn.fetchrow(
             "SELECT id, ticket_id, status FROM messages WHERE provider_id = $1 AND direction = 'out'"
             " AND channel = $2 ORDER BY id DESC LIMIT 1",
-            receipt.provider_id, receipt.channel,
+            receipt.provider_id,
+            receipt.channel,
         )
     if row is None:
         return None
@@ -181,6 +233,7 @@ async def apply_receipt(conn: asyncpg.Connection, receipt: DeliveryReceipt) -> i
     await conn.execute("UPDATE messages SET status = $2 WHERE id = $1", row["id"], receipt.status)
     await conn.execute(
         "INSERT INTO ticket_events (ticket_id, kind, data) VALUES ($1, 'delivery', $2)",
-        row["ticket_id"], {"message_id": row["id"], "status": receipt.status},
+        row["ticket_id"],
+        {"message_id": row["id"], "status": receipt.status},
     )
     return row["id"]

@@ -38,7 +38,9 @@ async def current_agent(request: Request) -> Agent:
     async with runtime(request).pool.acquire() as conn:
         agent = await agents.agent_for_token(conn, token)
     if agent is None:
-        raise HTTPException(401, "session expired or invalid", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "session expired or invalid", headers={"WWW-Authenticate": "Bearer"}
+        )
     request.state.agent = agent
     return Agent(**agent)
 
@@ -77,10 +79,17 @@ async def login(body: LoginRequest, request: Request, response: Response) -> Log
             raise HTTPException(401, "wrong username or password")
         token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
     response.set_cookie(
-        SESSION_COOKIE, token, httponly=True, samesite="lax",
-        secure=request.url.scheme == "https", max_age=int(rt.settings.session_hours * 3600),
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        max_age=int(rt.settings.session_hours * 3600),
     )
-    return LoginResponse(token=token, agent=Agent(**{k: agent[k] for k in ("id", "username", "role", "display_name")}))
+    return LoginResponse(
+        token=token,
+        agent=Agent(**{k: agent[k] for k in ("id", "username", "role", "display_name")}),
+    )
 
 
 class TicketSummary(BaseModel):
@@ -130,13 +139,20 @@ async def list_tickets(
 ) -> TicketList:
     """The queue: tickets filtered by status, tier, channel, caller, overdue; most urgent first."""
     where, args = [], []
-    for column, value in (("t.status", status), ("t.tier", tier), ("t.channel", channel), ("t.caller_id", caller_id)):
+    for column, value in (
+        ("t.status", status),
+        ("t.tier", tier),
+        ("t.channel", channel),
+        ("t.caller_id", caller_id),
+    ):
         if value is not None:
             args.append(value)
             where.append(f"{column} = ${len(args)}")
     if overdue is not None:
-        condition = ("(t.status <> 'closed' AND (t.resolution_due < now()"
-                     " OR (t.first_response_at IS NULL AND t.first_response_due < now())))")
+        condition = (
+            "(t.status <> 'closed' AND (t.resolution_due < now()"
+            " OR (t.first_response_at IS NULL AND t.first_response_due < now())))"
+        )
         where.append(condition if overdue else f"NOT {condition}")
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     async with runtime(request).pool.acquire() as conn:
@@ -144,9 +160,13 @@ async def list_tickets(
         rows = await conn.fetch(
             f"{_SUMMARY_SQL}{clause} ORDER BY (t.status = 'closed'), t.resolution_due NULLS LAST, t.id"
             f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
-            *args, limit, offset,
+            *args,
+            limit,
+            offset,
         )
-    return TicketList(total=total, limit=limit, offset=offset, tickets=[TicketSummary(**dict(r)) for r in rows])
+    return TicketList(
+        total=total, limit=limit, offset=offset, tickets=[TicketSummary(**dict(r)) for r in rows]
+    )
 
 
 class Attachment(BaseModel):
@@ -209,14 +229,21 @@ async def load_ticket(conn: Any, ticket_id: int) -> TicketDetail:
     )
     if row is None:
         raise HTTPException(404, f"ticket {ticket_id} does not exist")
-    messages = [dict(m) for m in await conn.fetch(
-        "SELECT * FROM messages WHERE ticket_id = $1 ORDER BY id", ticket_id)]
+    messages = [
+        dict(m)
+        for m in await conn.fetch(
+            "SELECT * FROM messages WHERE ticket_id = $1 ORDER BY id", ticket_id
+        )
+    ]
     files = await conn.fetch(
-        "SELECT * FROM attachments WHERE message_id = ANY($1::bigint[]) ORDER BY id", [m["id"] for m in messages]
+        "SELECT * FROM attachments WHERE message_id = ANY($1::bigint[]) ORDER BY id",
+        [m["id"] for m in messages],
     )
     for message in messages:
         message["attachments"] = [dict(f) for f in files if f["message_id"] == message["id"]]
-    events = await conn.fetch("SELECT * FROM ticket_events WHERE ticket_id = $1 ORDER BY id", ticket_id)
+    events = await conn.fetch(
+        "SELECT * FROM ticket_events WHERE ticket_id = $1 ORDER BY id", ticket_id
+    )
     return TicketDetail(**dict(row), messages=messages, events=[dict(e) for e in events])
 
 
@@ -229,18 +256,29 @@ async def get_ticket(ticket_id: int, request: Request, agent: CurrentAgent) -> T
 
 class ReplyRequest(BaseModel):
     body: str = Field(min_length=1, max_length=100_000)
-    channel: str | None = Field(default=None, description="send on this channel instead of the one the caller used")
+    channel: str | None = Field(
+        default=None, description="send on this channel instead of the one the caller used"
+    )
 
 
-@router.post("/tickets/{ticket_id}/replies", response_model=Message, status_code=201, tags=["tickets"])
-async def post_reply(ticket_id: int, body: ReplyRequest, request: Request, agent: CurrentAgent) -> Message:
+@router.post(
+    "/tickets/{ticket_id}/replies", response_model=Message, status_code=201, tags=["tickets"]
+)
+async def post_reply(
+    ticket_id: int, body: ReplyRequest, request: Request, agent: CurrentAgent
+) -> Message:
     """Answer on the channel the person used; the reply is queued and its status tracked."""
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         try:
             message = await replies.create_reply(
-                conn, ticket_id, body.body, agent_id=agent.id, actor=agent.username,
-                accounts=rt.account_names(), channel=body.channel,
+                conn,
+                ticket_id,
+                body.body,
+                agent_id=agent.id,
+                actor=agent.username,
+                accounts=rt.account_names(),
+                channel=body.channel,
             )
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from exc

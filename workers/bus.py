@@ -44,7 +44,9 @@ def outbound_topic(channel: str) -> str:
     return f"loket.outbound.{channel}"
 
 
-ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [outbound_topic(c) for c in OUTBOUND_CHANNELS]
+ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [
+    outbound_topic(c) for c in OUTBOUND_CHANNELS
+]
 
 
 async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> None:
@@ -56,7 +58,12 @@ async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -
         # With three replicas, a write is acknowledged once two of them have it.
         configs = {"min.insync.replicas": "2"} if replication >= 3 else {}
         missing = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=replication, topic_configs=configs)
+            NewTopic(
+                name=t,
+                num_partitions=partitions,
+                replication_factor=replication,
+                topic_configs=configs,
+            )
             for t in ALL_TOPICS
             if t not in existing
         ]
@@ -208,7 +215,9 @@ class Stage:
         try:
             while not self._stopping.is_set():
                 if self.epoch is not None and self.epoch() != started_epoch:
-                    log.warning("stage %s: the broker came back empty; starting a fresh consumer", self.name)
+                    log.warning(
+                        "stage %s: the broker came back empty; starting a fresh consumer", self.name
+                    )
                     return
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
                 ready = {tp: records for tp, records in batches.items() if records}
@@ -245,8 +254,12 @@ class Stage:
             # this consumer's commits for good, so give up and let the supervisor start afresh.
             await asyncio.wait_for(consumer.commit(offsets), timeout=COMMIT_TIMEOUT)
         except TimeoutError:
-            log.warning("stage %s: commit for %s not accepted in %.0fs; restarting the consumer",
-                        self.name, tp, COMMIT_TIMEOUT)
+            log.warning(
+                "stage %s: commit for %s not accepted in %.0fs; restarting the consumer",
+                self.name,
+                tp,
+                COMMIT_TIMEOUT,
+            )
             raise
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             # The partition moved to another member during the batch; it will redo
@@ -263,7 +276,9 @@ class Stage:
                 if not is_transient(exc) or self._stopping.is_set():
                     raise
                 metrics.STAGE_RETRIES.labels(self.name).inc()
-                log.warning("stage %s: database unavailable (%s); retrying in %.1fs", self.name, exc, delay)
+                log.warning(
+                    "stage %s: database unavailable (%s); retrying in %.1fs", self.name, exc, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -281,8 +296,16 @@ class Stage:
                     return [self._shunt(record, exc, attempts)]
                 metrics.STAGE_RETRIES.labels(self.name).inc()
                 trace_id = trace_id_of(record.value)
-                log.warning("stage %s: attempt %d failed at %s@%d (trace %s): %s", self.name, attempts,
-                            record.topic, record.offset, trace_id, exc, extra={"trace_id": trace_id})
+                log.warning(
+                    "stage %s: attempt %d failed at %s@%d (trace %s): %s",
+                    self.name,
+                    attempts,
+                    record.topic,
+                    record.offset,
+                    trace_id,
+                    exc,
+                    extra={"trace_id": trace_id},
+                )
                 await asyncio.sleep(0.05 * attempts)
 
     def _shunt(self, record: ConsumerRecord, exc: BaseException, attempts: int) -> Publish:
@@ -307,8 +330,16 @@ class Stage:
             attempts=attempts,
             trace_id=trace_id_of(value),
         )
-        log.error("stage %s: shunted %s@%d after %d attempts (trace %s): %s", self.name, record.topic,
-                  record.offset, attempts, shunt.trace_id, shunt.error, extra={"trace_id": shunt.trace_id})
+        log.error(
+            "stage %s: shunted %s@%d after %d attempts (trace %s): %s",
+            self.name,
+            record.topic,
+            record.offset,
+            attempts,
+            shunt.trace_id,
+            shunt.error,
+            extra={"trace_id": shunt.trace_id},
+        )
         return Publish(SHUNT, msgspec.json.encode(shunt), record.key)
 
     async def _publish_with_patience(self, outputs: list[Publish]) -> None:
@@ -320,6 +351,8 @@ class Stage:
             except (TimeoutError, KafkaConnectionError, KafkaError) as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning("stage %s: broker unavailable (%s); retrying in %.1fs", self.name, exc, delay)
+                log.warning(
+                    "stage %s: broker unavailable (%s); retrying in %.1fs", self.name, exc, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -21,12 +21,20 @@ log = logging.getLogger("loket")
 
 
 # Attributes every LogRecord has; anything else was given with `extra=` (trace_id, ...).
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": record.created, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        entry = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         for name, value in vars(record).items():
             if name not in _STANDARD_ATTRS and name not in entry:
                 entry[name] = value
@@ -38,7 +46,9 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if settings.log_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter()
+        if settings.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
@@ -50,7 +60,9 @@ async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ign
 
     host, port = rt.settings.host_port()
     app = create_app(rt, stages_ready=lambda: dict(supervisor.running))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     serving = asyncio.create_task(server.serve())
     await stop.wait()
@@ -75,7 +87,9 @@ async def run_up(settings: Settings, demo: bool) -> None:
         tasks["http"] = lambda stop: _serve_http(rt, supervisor, stop)
         tasks["broker-watch"] = rt.watch_broker
         host, port = settings.host_port()
-        print(f"loket is running: API and console at http://{host}:{port}/ (OpenAPI at /openapi.json)")
+        print(
+            f"loket is running: API and console at http://{host}:{port}/ (OpenAPI at /openapi.json)"
+        )
         for part, description in rt.started.items():
             print(f"  started {part}: {description}")
         if "broker" in rt.started:
@@ -114,7 +128,9 @@ async def run_migrate(settings: Settings) -> None:
     from ticketing.db import create_pool, migrate
 
     if not settings.database_url:
-        raise ConfigError("LOKET_DATABASE_URL is not set (loket up migrates the embedded database itself)")
+        raise ConfigError(
+            "LOKET_DATABASE_URL is not set (loket up migrates the embedded database itself)"
+        )
     pool = await create_pool(settings.database_url, max_size=1)
     try:
         async with pool.acquire() as conn:
@@ -160,12 +176,33 @@ async def run_agent_add(settings: Settings, username: str, role: str, password: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loket", description="Multichannel contact-center pipeline")
+    parser = argparse.ArgumentParser(
+        prog="loket", description="Multichannel contact-center pipeline"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run everything in one process (embedded infrastructure where none is configured)")
+    up = sub.add_parser(
+        "up",
+        help="run everything in one process (embedded infrastructure where none is configured)",
+    )
     up.add_argument("--demo", action="store_true", help="send sample traffic through every channel")
-    worker = sub.add_parser("worker", help="run one stage (several processes of a stage share its partitions)")
-    worker.add_argument("stage", choices=["normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "kb", "http"])
+    worker = sub.add_parser(
+        "worker", help="run one stage (several processes of a stage share its partitions)"
+    )
+    worker.add_argument(
+        "stage",
+        choices=[
+            "normalizer",
+            "ticketing",
+            "receipts",
+            "relay",
+            "delivery",
+            "pollers",
+            "ocr",
+            "scheduler",
+            "kb",
+            "http",
+        ],
+    )
     sub.add_parser("migrate", help="apply database migrations")
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)
@@ -175,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--password", help="prompted for when not given")
     report = sub.add_parser("report", help="reports read from the database (LOKET_DATABASE_URL)")
     report_sub = report.add_subparsers(dest="report_command", required=True)
-    report_open = report_sub.add_parser("open", help="every ticket not closed, by tier and status, oldest first")
+    report_open = report_sub.add_parser(
+        "open", help="every ticket not closed, by tier and status, oldest first"
+    )
     report_open.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_bench_parser(sub)
     add_ops_parsers(sub)
@@ -183,11 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_ops_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    status = sub.add_parser("status", help="per-stage lag and rate, shunt, outbox and channel health; exit 1 on an outage")
+    status = sub.add_parser(
+        "status",
+        help="per-stage lag and rate, shunt, outbox and channel health; exit 1 on an outage",
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of the screen")
-    status.add_argument("--stall-seconds", type=float, default=60.0,
-                        help="a stage with work waiting and no progress this long is an outage (default 60)")
-    status.add_argument("--lag-warning", type=int, default=1000, help="warn above this many waiting records")
+    status.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=60.0,
+        help="a stage with work waiting and no progress this long is an outage (default 60)",
+    )
+    status.add_argument(
+        "--lag-warning", type=int, default=1000, help="warn above this many waiting records"
+    )
     trace = sub.add_parser("trace", help="the path of one message, by trace id or message id")
     trace.add_argument("id")
     trace.add_argument("--json", action="store_true")
@@ -210,8 +258,14 @@ def run_ops_command(settings: Settings, args: argparse.Namespace) -> int:
     from workers import ops
 
     if args.command == "status":
-        return asyncio.run(ops.run_status(settings, as_json=args.json, stall_seconds=args.stall_seconds,
-                                          lag_warning=args.lag_warning))
+        return asyncio.run(
+            ops.run_status(
+                settings,
+                as_json=args.json,
+                stall_seconds=args.stall_seconds,
+                lag_warning=args.lag_warning,
+            )
+        )
     if args.command == "trace":
         return asyncio.run(ops.run_trace(settings, args.id, as_json=args.json))
     return asyncio.run(ops.run_dlq(
@@ -221,26 +275,52 @@ def run_ops_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    bench = sub.add_parser("bench", help="end-to-end benchmark on a fresh database and topic namespace")
-    bench.add_argument("--messages", type=int, default=10_000, help="messages to send (default 10000)")
+    bench = sub.add_parser(
+        "bench", help="end-to-end benchmark on a fresh database and topic namespace"
+    )
+    bench.add_argument(
+        "--messages", type=int, default=10_000, help="messages to send (default 10000)"
+    )
     bench.add_argument("--callers", type=int, default=1_000, help="distinct senders (default 1000)")
     bench.add_argument("--size", type=int, default=200, help="body size in bytes (default 200)")
-    bench.add_argument("--rate", type=float, help="offered messages/s, open loop (default: as fast as possible)")
-    bench.add_argument("--processes", type=int, default=1,
-                       help="`loket worker` processes per stage (default 1 = stages run in this process)")
-    bench.add_argument("--via", choices=["raw", "webhook"], default="raw",
-                       help="publish to the raw topic, or call the Kannel webhook over HTTP")
-    bench.add_argument("--concurrency", type=int, default=64, help="webhook calls in flight (default 64)")
-    bench.add_argument("--email", type=int, default=0, metavar="N",
-                       help="also read an IMAP backlog of at least N messages (appended when missing)")
+    bench.add_argument(
+        "--rate", type=float, help="offered messages/s, open loop (default: as fast as possible)"
+    )
+    bench.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="`loket worker` processes per stage (default 1 = stages run in this process)",
+    )
+    bench.add_argument(
+        "--via",
+        choices=["raw", "webhook"],
+        default="raw",
+        help="publish to the raw topic, or call the Kannel webhook over HTTP",
+    )
+    bench.add_argument(
+        "--concurrency", type=int, default=64, help="webhook calls in flight (default 64)"
+    )
+    bench.add_argument(
+        "--email",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also read an IMAP backlog of at least N messages (appended when missing)",
+    )
     bench.add_argument("--imap-host", default="127.0.0.1")
     bench.add_argument("--imap-port", type=int, default=143)
     bench.add_argument("--imap-user", default="")
-    bench.add_argument("--imap-password", default=os.environ.get("LOKET_BENCH_IMAP_PASSWORD", ""),
-                       help="default: LOKET_BENCH_IMAP_PASSWORD")
+    bench.add_argument(
+        "--imap-password",
+        default=os.environ.get("LOKET_BENCH_IMAP_PASSWORD", ""),
+        help="default: LOKET_BENCH_IMAP_PASSWORD",
+    )
     bench.add_argument("--imap-folder", default="INBOX")
     bench.add_argument("--imap-tls", choices=["none", "starttls", "ssl"], default="none")
-    bench.add_argument("--bootstrap", help="a Kafka broker kept for benchmarking (default: start an embedded one)")
+    bench.add_argument(
+        "--bootstrap", help="a Kafka broker kept for benchmarking (default: start an embedded one)"
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -59,4 +59,3 @@ def kb_suggest_handler(rt: Runtime) -> bus.BatchHandler:
 def kb_suggest_tasks(rt: Runtime) -> dict[str, StageFactory]:
     """The stage's one consumer, for the supervisor."""
     return {NAME: rt.stage_task(NAME, [bus.EVENTS], kb_suggest_handler(rt), group_id=GROUP)}
-

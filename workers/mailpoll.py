@@ -44,7 +44,9 @@ class MailCursor:
     uidvalidity: int
     acked: int = 0
     committed: int = 0
-    pending: dict[int, tuple[str, float]] = field(default_factory=dict)  # uid -> (external id, published at)
+    pending: dict[int, tuple[str, float]] = field(
+        default_factory=dict
+    )  # uid -> (external id, published at)
 
     def as_json(self) -> dict[str, int]:
         return {"uidvalidity": self.uidvalidity, "acked": self.acked, "committed": self.committed}
@@ -56,9 +58,16 @@ RawHook = Callable[[RawInbound, dict[str, Any]], RawInbound]
 class MailPoller:
     """One mailbox of one account (`channel` is "email" or "fax"), published to `topic`."""
 
-    def __init__(self, rt: Runtime, account: EmailAccount, *, channel: str = "email",
-                 prepare: RawHook | None = None, poll_seconds: float | None = None,
-                 topic: str = bus.RAW):
+    def __init__(
+        self,
+        rt: Runtime,
+        account: EmailAccount,
+        *,
+        channel: str = "email",
+        prepare: RawHook | None = None,
+        poll_seconds: float | None = None,
+        topic: str = bus.RAW,
+    ):
         self.rt = rt
         self.account = account
         self.channel = channel
@@ -71,19 +80,32 @@ class MailPoller:
 
     def _imap_account(self) -> ImapAccount:
         a = self.account
-        return ImapAccount(host=a.imap_host, port=a.imap_port, user=a.imap_user,
-                           password=a.imap_password, tls=a.imap_tls, folder=a.imap_folder)
+        return ImapAccount(
+            host=a.imap_host,
+            port=a.imap_port,
+            user=a.imap_user,
+            password=a.imap_password,
+            tls=a.imap_tls,
+            folder=a.imap_folder,
+        )
 
     async def _load_cursor(self, uidvalidity: int) -> MailCursor:
         async with self.rt.pool.acquire() as conn:
             stored = await conn.fetchval(
                 "SELECT cursor FROM channel_cursors WHERE channel = $1 AND account = $2 AND scope = $3",
-                self.channel, self.account.name, self.scope,
+                self.channel,
+                self.account.name,
+                self.scope,
             )
         if not stored or stored.get("uidvalidity") != uidvalidity:
             if stored:
-                log.warning("%s/%s: UIDVALIDITY changed (%s -> %s); reading the folder again",
-                            self.channel, self.account.name, stored.get("uidvalidity"), uidvalidity)
+                log.warning(
+                    "%s/%s: UIDVALIDITY changed (%s -> %s); reading the folder again",
+                    self.channel,
+                    self.account.name,
+                    stored.get("uidvalidity"),
+                    uidvalidity,
+                )
             return MailCursor(uidvalidity)
         committed = int(stored.get("committed", 0))
         return MailCursor(uidvalidity, acked=committed, committed=committed)
@@ -93,7 +115,10 @@ class MailPoller:
             await conn.execute(
                 "INSERT INTO channel_cursors (channel, account, scope, cursor) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT (channel, account, scope) DO UPDATE SET cursor = excluded.cursor, updated_at = now()",
-                self.channel, self.account.name, self.scope, cursor.as_json(),
+                self.channel,
+                self.account.name,
+                self.scope,
+                cursor.as_json(),
             )
 
     async def _advance_committed(self, cursor: MailCursor) -> None:
@@ -103,7 +128,9 @@ class MailPoller:
                 rows = await conn.fetch(
                     "SELECT external_id FROM messages WHERE channel = $1 AND account = $2"
                     " AND direction = 'in' AND external_id = ANY($3::text[])",
-                    self.channel, self.account.name, [ext for ext, _ in cursor.pending.values()],
+                    self.channel,
+                    self.account.name,
+                    [ext for ext, _ in cursor.pending.values()],
                 )
             stored = {r["external_id"] for r in rows}
             now = time.time()
@@ -115,10 +142,16 @@ class MailPoller:
 
     def _to_raw(self, uid: int, data: bytes, cursor: MailCursor) -> RawInbound:
         raw = parse_email(
-            data, account=self.account.name, external_id="", blobs=self.rt.blobs,
-            max_attachment_bytes=self.rt.settings.max_attachment_bytes, channel=self.channel,
+            data,
+            account=self.account.name,
+            external_id="",
+            blobs=self.rt.blobs,
+            max_attachment_bytes=self.rt.settings.max_attachment_bytes,
+            channel=self.channel,
         )
-        raw.external_id = external_id_for(raw.headers.get("message-id"), self.scope, cursor.uidvalidity, uid)
+        raw.external_id = external_id_for(
+            raw.headers.get("message-id"), self.scope, cursor.uidvalidity, uid
+        )
         raw.meta["imap_uid"] = str(uid)
         raw.meta["accepted_at"] = repr(time.time())
         if self.prepare is not None:
@@ -130,7 +163,10 @@ class MailPoller:
         published = 0
         async for chunk in mailbox.fetch_new(cursor.acked, chunk=100):
             raws = [self._to_raw(uid, data, cursor) for uid, data in chunk]
-            await bus.publish_all(self.rt.producer, [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws])
+            await bus.publish_all(
+                self.rt.producer,
+                [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws],
+            )
             now = time.time()
             for (uid, _), raw in zip(chunk, raws, strict=True):
                 cursor.pending[uid] = (raw.external_id, now)
@@ -154,14 +190,19 @@ class MailPoller:
                     if self.rt.broker_epoch != epoch:
                         # The broker came back empty: what it acknowledged may be gone, so
                         # read again from what the database has (the cursor's `committed`).
-                        log.warning("%s/%s: the broker was reset; resuming from the committed cursor",
-                                    self.channel, self.account.name)
+                        log.warning(
+                            "%s/%s: the broker was reset; resuming from the committed cursor",
+                            self.channel,
+                            self.account.name,
+                        )
                         break
                     await self.sync(mailbox, cursor)
                     await self._advance_committed(cursor)
                     metrics.channel_ok(self.channel, self.account.name, time.time())
                     await ops.note_channel_ok(self.rt.pool, self.channel, self.account.name)
-                    if await mailbox.wait_for_new(timeout=min(self.poll_seconds, 5.0) if not cursor.pending else 1.0):
+                    if await mailbox.wait_for_new(
+                        timeout=min(self.poll_seconds, 5.0) if not cursor.pending else 1.0
+                    ):
                         continue
             except (ImapError, OSError, TimeoutError, bus.KafkaError) as exc:
                 await self._down(exc)

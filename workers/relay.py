@@ -24,8 +24,12 @@ async def relay_once(rt: Runtime, limit: int = 1000) -> int:
         )
         if not rows:
             return 0
-        await bus.publish_all(rt.producer, [bus.Publish(r["topic"], r["payload"], r["key"]) for r in rows])
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        await bus.publish_all(
+            rt.producer, [bus.Publish(r["topic"], r["payload"], r["key"]) for r in rows]
+        )
+        await conn.execute(
+            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+        )
     return len(rows)
 
 

@@ -32,12 +32,21 @@ class Runtime:
     blobs: DiskBlobStore
     channels: dict[str, list[dict[str, Any]]]
     rules: TicketRules
-    started: dict[str, str] = field(default_factory=dict)  # what infrastructure this process started
+    started: dict[str, str] = field(
+        default_factory=dict
+    )  # what infrastructure this process started
     # How often the broker came back without its topics (an in-memory broker restarted).
     broker_epoch: int = 0
 
-    def stage_task(self, name: str, topics: list[str], handler: bus.BatchHandler, *,
-                   group_id: str | None = None, batch_size: int = 500) -> StageFactory:
+    def stage_task(
+        self,
+        name: str,
+        topics: list[str],
+        handler: bus.BatchHandler,
+        *,
+        group_id: str | None = None,
+        batch_size: int = 500,
+    ) -> StageFactory:
         """A supervised consumer-group stage running `handler` over `topics`."""
 
         async def run(stop: asyncio.Event) -> None:
@@ -64,13 +73,18 @@ class Runtime:
         """
         while not stop.is_set():
             try:
-                metadata = await asyncio.wait_for(self.producer.client.fetch_all_metadata(), timeout=5)
+                metadata = await asyncio.wait_for(
+                    self.producer.client.fetch_all_metadata(), timeout=5
+                )
                 if bus.RAW not in metadata.topics():
-                    await bus.ensure_topics(self.bootstrap, self.settings.partitions,
-                                            self.settings.kafka_replication)
+                    await bus.ensure_topics(
+                        self.bootstrap, self.settings.partitions, self.settings.kafka_replication
+                    )
                     self.broker_epoch += 1
-                    log.warning("the broker came back without its topics; recreated them (epoch %d)",
-                                self.broker_epoch)
+                    log.warning(
+                        "the broker came back without its topics; recreated them (epoch %d)",
+                        self.broker_epoch,
+                    )
             except (bus.KafkaError, OSError, TimeoutError) as exc:
                 log.debug("broker watch: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -92,7 +92,9 @@ def load_channels(path: Path | None) -> dict[str, list[dict[str, Any]]]:
     accounts: dict[str, list[dict[str, Any]]] = {}
     for kind, entries in channels.items():
         if not isinstance(entries, list):
-            raise ConfigError(f"{path}: channels.{kind} must be an array of tables ([[channels.{kind}]])")
+            raise ConfigError(
+                f"{path}: channels.{kind} must be an array of tables ([[channels.{kind}]])"
+            )
         names = set()
         for i, entry in enumerate(entries):
             where = f"channels.{kind}[{i}]"
@@ -105,7 +107,9 @@ def load_channels(path: Path | None) -> dict[str, list[dict[str, Any]]]:
                 unknown = set(entry) - EMAIL_KEYS
                 if unknown:
                     raise ConfigError(f"{path}: {where}: unknown keys {sorted(unknown)}")
-        accounts[kind] = [resolve_env(entry, f"channels.{kind}[{i}]") for i, entry in enumerate(entries)]
+        accounts[kind] = [
+            resolve_env(entry, f"channels.{kind}[{i}]") for i, entry in enumerate(entries)
+        ]
     return accounts
 
 

@@ -50,7 +50,9 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
             message.raw.meta["normalized_at"] = normalized_at
         out: list[bus.Publish] = []
         async with rt.pool.acquire() as conn, conn.transaction():
-            known = await callers.find_by_identities(conn, [m.identity for m in messages if m.identity])
+            known = await callers.find_by_identities(
+                conn, [m.identity for m in messages if m.identity]
+            )
             # Callers for every unknown sender of the batch at once; the first message of each
             # is the one that created it.
             fresh = await callers.create_with_identities(conn, [
@@ -67,18 +69,29 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
                     if key in fresh:
                         caller_id, created = fresh.pop(key)
                         known[key] = caller_id
-                        reason = f"new caller for {key[0]}:{key[1]}" if created else f"identity {key[0]}:{key[1]}"
+                        reason = (
+                            f"new caller for {key[0]}:{key[1]}"
+                            if created
+                            else f"identity {key[0]}:{key[1]}"
+                        )
                     else:
                         caller_id, reason = known[key], f"identity {key[0]}:{key[1]}"
                 for extra in message.extra_identities:
                     holder = await callers.attach_identity(conn, caller_id, extra)
                     if holder != caller_id:
-                        caller_id = await callers.merge_on_verified_identity(conn, caller_id, holder, extra)
+                        caller_id = await callers.merge_on_verified_identity(
+                            conn, caller_id, holder, extra
+                        )
                         reason += f"; shared {extra.kind} {extra.value} joined caller {caller_id}"
                 matched = MatchedInbound(
-                    message=message, caller_id=caller_id, caller_created=created, match_reason=reason
+                    message=message,
+                    caller_id=caller_id,
+                    caller_created=created,
+                    match_reason=reason,
                 )
-                out.append(bus.Publish(bus.MATCHED, encoder.encode(matched), str(caller_id).encode()))
+                out.append(
+                    bus.Publish(bus.MATCHED, encoder.encode(matched), str(caller_id).encode())
+                )
         return out
 
     return handle
@@ -93,14 +106,20 @@ def ticketing_handler(rt: Runtime) -> bus.BatchHandler:
         matched: list[MatchedInbound] = [_decode(matched_decoder, r) for r in records]
         async with rt.pool.acquire() as conn, conn.transaction():
             results = await apply_matched_batch(conn, matched, rt.rules, own)
-        applied = [(message, result) for message, result in zip(matched, results, strict=True) if result]
+        applied = [
+            (message, result) for message, result in zip(matched, results, strict=True) if result
+        ]
         now = time.time()
         out = []
         for message, result in applied:
             accepted = message.message.raw.meta.get("accepted_at")
             if accepted:
                 metrics.INGEST_LATENCY.observe(max(now - float(accepted), 0.0))
-            out.append(bus.Publish(bus.EVENTS, json.dumps(result.event()).encode(), str(result.ticket_id).encode()))
+            out.append(
+                bus.Publish(
+                    bus.EVENTS, json.dumps(result.event()).encode(), str(result.ticket_id).encode()
+                )
+            )
         return out
 
     return handle
@@ -147,13 +166,19 @@ def delivery_handler(rt: Runtime, channel: str, send: Sender) -> bus.BatchHandle
                         await replies.mark_failed(conn, reply.message_id, exc.reason)
                         metrics.OUTBOUND.labels(channel, reply.account, "failed").inc()
                     else:
-                        delay = exc.retry_after if exc.retry_after is not None else backoff_seconds(reply.attempt)
+                        delay = (
+                            exc.retry_after
+                            if exc.retry_after is not None
+                            else backoff_seconds(reply.attempt)
+                        )
                         await replies.schedule_retry(conn, reply, delay, exc.reason)
                         metrics.OUTBOUND.labels(channel, reply.account, "retry").inc()
                 continue
             async with rt.pool.acquire() as conn, conn.transaction():
                 await replies.mark_sent(conn, reply.message_id, result.provider_id)
-                created = await conn.fetchval("SELECT created_at FROM messages WHERE id = $1", reply.message_id)
+                created = await conn.fetchval(
+                    "SELECT created_at FROM messages WHERE id = $1", reply.message_id
+                )
             metrics.OUTBOUND.labels(channel, reply.account, "sent").inc()
             if created is not None:
                 metrics.DELIVERY_LATENCY.observe(max(time.time() - created.timestamp(), 0.0))

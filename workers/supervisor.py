@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, *, run_migrations: bool = True) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings, *, run_migrations: bool = True
+) -> AsyncIterator[Runtime]:
     """Connect to (or start) the database and broker, migrate, create topics, start the producer."""
     started: dict[str, str] = {}
     embedded_pg: EmbeddedPostgres | None = None
@@ -49,14 +51,22 @@ async def open_runtime(settings: Settings, *, run_migrations: bool = True) -> As
             async with pool.acquire() as conn:
                 await migrate(conn)
         await bus.ensure_topics(bootstrap, settings.partitions, settings.kafka_replication)
-        producer = bus.make_producer(bootstrap, idempotence=settings.kafka_idempotence and broker is None)
+        producer = bus.make_producer(
+            bootstrap, idempotence=settings.kafka_idempotence and broker is None
+        )
         await producer.start()
         from channels.blobs import DiskBlobStore
 
         rt = Runtime(
-            settings=settings, database_url=database_url, bootstrap=bootstrap, pool=pool,
-            producer=producer, blobs=DiskBlobStore(settings.blobs_path()),
-            channels=load_accounts(settings), rules=load_rules(settings), started=started,
+            settings=settings,
+            database_url=database_url,
+            bootstrap=bootstrap,
+            pool=pool,
+            producer=producer,
+            blobs=DiskBlobStore(settings.blobs_path()),
+            channels=load_accounts(settings),
+            rules=load_rules(settings),
+            started=started,
         )
         try:
             yield rt
@@ -100,7 +110,10 @@ class Supervisor:
         self.running[name] = False
 
     async def run(self, tasks: dict[str, StageFactory]) -> None:
-        jobs = [asyncio.create_task(self.supervise(name, factory), name=name) for name, factory in tasks.items()]
+        jobs = [
+            asyncio.create_task(self.supervise(name, factory), name=name)
+            for name, factory in tasks.items()
+        ]
         try:
             await self.stop.wait()
             # Let stages finish their batch and leave their groups before anything is cut.
@@ -115,7 +128,17 @@ def _consumer(rt: Runtime, name: str, topics: list[str], handler: bus.BatchHandl
     return rt.stage_task(name, topics, handler)
 
 
-STAGES = ("normalizer", "ticketing", "receipts", "relay", "delivery", "pollers", "ocr", "scheduler", "kb")
+STAGES = (
+    "normalizer",
+    "ticketing",
+    "receipts",
+    "relay",
+    "delivery",
+    "pollers",
+    "ocr",
+    "scheduler",
+    "kb",
+)
 
 
 def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
@@ -131,7 +154,10 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
     if stage == "delivery":
         return {
             f"delivery-{channel}": _consumer(
-                rt, f"delivery-{channel}", [bus.outbound_topic(channel)], delivery_handler(rt, channel, send)
+                rt,
+                f"delivery-{channel}",
+                [bus.outbound_topic(channel)],
+                delivery_handler(rt, channel, send),
             )
             for channel, send in all_senders(rt).items()
         }

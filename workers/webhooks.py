@@ -72,7 +72,9 @@ async def publish_outcome(rt: Runtime, outcome: WebhookOutcome) -> None:
         records.append(bus.Publish(bus.RAW, encoder.encode(raw), raw.key()))
         metrics.INBOUND.labels(raw.channel, raw.account).inc()
     for receipt in outcome.receipts:
-        records.append(bus.Publish(bus.RECEIPTS, encoder.encode(receipt), (receipt.provider_id or "").encode()))
+        records.append(
+            bus.Publish(bus.RECEIPTS, encoder.encode(receipt), (receipt.provider_id or "").encode())
+        )
     await asyncio.wait_for(bus.publish_all(rt.producer, records), timeout=10)
 
 
@@ -96,7 +98,9 @@ async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
             await publish_outcome(rt, outcome)
         except (bus.KafkaError, TimeoutError, OSError) as exc:
             log.error("webhook %s: broker unavailable, answering 503: %s", kind, exc)
-            return Response("broker unavailable, retry later", status_code=503, media_type="text/plain")
+            return Response(
+                "broker unavailable, retry later", status_code=503, media_type="text/plain"
+            )
     metrics.channel_ok(kind, getattr(account, "name", kind), time.time())
     await ops.note_channel_ok(rt.pool, kind, getattr(account, "name", kind))
     return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)
@@ -116,7 +120,9 @@ async def facebook_webhook(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await facebook.handle_webhook(account, req.method, _query(req), _headers(req), body, blobs=rt.blobs)
+        return await facebook.handle_webhook(
+            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
+        )
 
     return await _dispatch(request, "facebook", handle)
 
@@ -127,7 +133,9 @@ async def twitter_webhook(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await twitter.handle_webhook(account, req.method, _query(req), _headers(req), body, blobs=rt.blobs)
+        return await twitter.handle_webhook(
+            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
+        )
 
     return await _dispatch(request, "twitter", handle)
 
@@ -138,7 +146,9 @@ async def telegram_webhook(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await telegram.handle_webhook(account, req.method, _query(req), _headers(req), body, blobs=rt.blobs)
+        return await telegram.handle_webhook(
+            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
+        )
 
     return await _dispatch(request, "telegram", handle)
 
@@ -149,7 +159,9 @@ async def kannel_webhook(request: Request) -> Response:
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
         remote = req.client.host if req.client else None
-        return kannel.handle_webhook(account, req.method, _query(req), _headers(req), body, remote_addr=remote)
+        return kannel.handle_webhook(
+            account, req.method, _query(req), _headers(req), body, remote_addr=remote
+        )
 
     return await _dispatch(request, "kannel", handle)
 

@@ -18,7 +18,9 @@ def senders(rt: Runtime) -> dict[str, Sender]:
     async def send(reply: OutboundReply) -> DeliveryResult:
         account = accounts.get(reply.account)
         if account is None:
-            raise ChannelError(f"no e-mail account named {reply.account!r} is configured", permanent=True)
+            raise ChannelError(
+                f"no e-mail account named {reply.account!r} is configured", permanent=True
+            )
         return await deliver(account, compose_reply(reply, from_address=account.address))
 
     return {"email": send}

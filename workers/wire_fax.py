@@ -201,7 +201,6 @@ def ocr_tasks(rt: Runtime) -> dict[str, StageFactory]:
     return {"ocr": rt.stage_task("ocr", [bus.FAX], handler, batch_size=OCR_BATCH)}
 
 
-
 # --- outbound: the reply as a PDF mailed to the gateway ----------------------------------------
 
 

@@ -12,7 +12,12 @@ Sender = Callable[[OutboundReply], Awaitable[DeliveryResult]]
 StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 # One module per channel family, each with `senders(rt)` and `pollers(rt)`.
-WIRING_MODULES = ("workers.wire_email", "workers.wire_sms", "workers.wire_fax", "workers.wire_social")
+WIRING_MODULES = (
+    "workers.wire_email",
+    "workers.wire_sms",
+    "workers.wire_fax",
+    "workers.wire_social",
+)
 
 
 def _modules():  # type: ignore[no-untyped-def]
