@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import uvicorn
 
 from workers.settings import ConfigError, Settings
+from workers.wiring import STAGES
 
 log = logging.getLogger("loket")
 
@@ -188,21 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker", help="run one stage (several processes of a stage share its partitions)"
     )
-    worker.add_argument(
-        "stage",
-        choices=[
-            "normalizer",
-            "ticketing",
-            "receipts",
-            "relay",
-            "delivery",
-            "pollers",
-            "ocr",
-            "scheduler",
-            "kb",
-            "http",
-        ],
-    )
+    worker.add_argument("stage", choices=[*STAGES, "http"])
     sub.add_parser("migrate", help="apply database migrations")
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)

@@ -21,7 +21,7 @@ from workers.stages import (
     receipts_handler,
     ticketing_handler,
 )
-from workers.wiring import StageFactory, all_pollers, all_senders
+from workers.wiring import STAGES, StageFactory, all_pollers, all_senders
 
 log = logging.getLogger(__name__)
 
@@ -124,36 +124,19 @@ class Supervisor:
             await asyncio.gather(*jobs, return_exceptions=True)
 
 
-def _consumer(rt: Runtime, name: str, topics: list[str], handler: bus.BatchHandler) -> StageFactory:
-    return rt.stage_task(name, topics, handler)
-
-
-STAGES = (
-    "normalizer",
-    "ticketing",
-    "receipts",
-    "relay",
-    "delivery",
-    "pollers",
-    "ocr",
-    "scheduler",
-    "kb",
-)
-
-
 def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
     """The tasks that make up one named stage (`loket worker STAGE`)."""
     if stage == "normalizer":
-        return {"normalizer": _consumer(rt, "normalizer", [bus.RAW], normalizer_handler(rt))}
+        return {"normalizer": rt.stage_task("normalizer", [bus.RAW], normalizer_handler(rt))}
     if stage == "ticketing":
-        return {"ticketing": _consumer(rt, "ticketing", [bus.MATCHED], ticketing_handler(rt))}
+        return {"ticketing": rt.stage_task("ticketing", [bus.MATCHED], ticketing_handler(rt))}
     if stage == "receipts":
-        return {"receipts": _consumer(rt, "receipts", [bus.RECEIPTS], receipts_handler(rt))}
+        return {"receipts": rt.stage_task("receipts", [bus.RECEIPTS], receipts_handler(rt))}
     if stage == "relay":
         return {"relay": lambda stop: run_relay(rt, stop)}
     if stage == "delivery":
         return {
-            f"delivery-{channel}": _consumer(
+            f"delivery-{channel}": rt.stage_task(
                 rt,
                 f"delivery-{channel}",
                 [bus.outbound_topic(channel)],
