@@ -137,7 +137,6 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
     if stage == "delivery":
         return {
             f"delivery-{channel}": rt.stage_task(
-                rt,
                 f"delivery-{channel}",
                 [bus.outbound_topic(channel)],
                 delivery_handler(rt, channel, send),
