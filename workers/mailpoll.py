@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.blobs import DiskBlobStore
 from channels.email import parse_email
 from channels.imap import ImapAccount, ImapError, ImapMailbox
 from channels.smtp import EmailAccount
@@ -28,6 +34,62 @@ log = logging.getLogger(__name__)
 # A message published this long ago and still not in the database was shunted or is
 # stuck; stop holding the watermark back for it (the shunt replays it).
 _GIVE_UP_SECONDS = 600.0
+# Messages per UID FETCH (aioimaplib's recursive response parser limits it).
+_FETCH_CHUNK = 100
+# A fetched chunk at least this big is parsed in worker processes: a backlog then parses
+# on every core, and the blob store's file writes (which stall while the disk's journal
+# commits) stop holding up the event loop. A trickle of new mail parses inline.
+_POOL_MIN_CHUNK = 16
+# Chunks fetched, parsed and waiting to be published at once; publishing stays in UID order.
+_PIPELINE_DEPTH = 4
+
+_pools: dict[str, ProcessPoolExecutor] = {}
+_worker_blobs: DiskBlobStore | None = None
+
+
+def _worker_init(blob_root: str) -> None:
+    global _worker_blobs
+    _worker_blobs = DiskBlobStore(blob_root)
+
+
+def _parse_chunk(
+    datas: list[bytes], account: str, max_attachment_bytes: int, channel: str
+) -> list[RawInbound]:
+    """`parse_email` over a chunk, in a worker process (the blob store is a shared directory)."""
+    assert _worker_blobs is not None
+    return [
+        parse_email(
+            data,
+            account=account,
+            external_id="",
+            blobs=_worker_blobs,
+            max_attachment_bytes=max_attachment_bytes,
+            channel=channel,
+        )
+        for data in datas
+    ]
+
+
+def _parse_pool(blob_root: str) -> ProcessPoolExecutor:
+    """The worker processes that parse mail stored under `blob_root`, shared by all pollers."""
+    pool = _pools.get(blob_root)
+    if pool is None:
+        # spawn, not fork: the poller's process runs threads (Kafka, asyncpg) whose locks a
+        # forked child could inherit held.
+        pool = ProcessPoolExecutor(
+            max_workers=max(1, min(4, os.cpu_count() or 1)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(blob_root,),
+        )
+        _pools[blob_root] = pool
+    return pool
+
+
+def _drop_pool(blob_root: str, pool: ProcessPoolExecutor) -> None:
+    if _pools.get(blob_root) is pool:
+        del _pools[blob_root]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def external_id_for(message_id: str | None, folder: str, uidvalidity: int, uid: int) -> str:
@@ -140,15 +202,63 @@ class MailPoller:
         cursor.committed = (min(cursor.pending) - 1) if cursor.pending else cursor.acked
         await self._save_cursor(cursor)
 
-    def _to_raw(self, uid: int, data: bytes, cursor: MailCursor) -> RawInbound:
-        raw = parse_email(
-            data,
-            account=self.account.name,
-            external_id="",
-            blobs=self.rt.blobs,
-            max_attachment_bytes=self.rt.settings.max_attachment_bytes,
-            channel=self.channel,
-        )
+    def _parse_inline(self, chunk: list[tuple[int, bytes]]) -> list[RawInbound]:
+        return [
+            parse_email(
+                data,
+                account=self.account.name,
+                external_id="",
+                blobs=self.rt.blobs,
+                max_attachment_bytes=self.rt.settings.max_attachment_bytes,
+                channel=self.channel,
+            )
+            for _, data in chunk
+        ]
+
+    def _parse(self, chunk: list[tuple[int, bytes]]) -> asyncio.Future[list[RawInbound]]:
+        """The chunk's parsed mails, from the worker processes when the chunk is big enough."""
+        loop = asyncio.get_running_loop()
+        if len(chunk) < _POOL_MIN_CHUNK or not isinstance(self.rt.blobs, DiskBlobStore):
+            done: asyncio.Future[list[RawInbound]] = loop.create_future()
+            done.set_result(self._parse_inline(chunk))
+            return done
+        root = str(self.rt.blobs.root)
+        pool = _parse_pool(root)
+        try:
+            return loop.run_in_executor(
+                pool,
+                _parse_chunk,
+                [data for _, data in chunk],
+                self.account.name,
+                self.rt.settings.max_attachment_bytes,
+                self.channel,
+            )
+        except (BrokenProcessPool, RuntimeError):
+            _drop_pool(root, pool)
+            done = loop.create_future()
+            done.set_result(self._parse_inline(chunk))
+            return done
+
+    async def _parsed(
+        self, chunk: list[tuple[int, bytes]], parsing: Awaitable[list[RawInbound]]
+    ) -> list[RawInbound]:
+        try:
+            return await parsing
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): parse here, as without workers.
+            log.warning(
+                "%s/%s: a mail parser process died; parsing in the poller",
+                self.channel,
+                self.account.name,
+            )
+            if isinstance(self.rt.blobs, DiskBlobStore):
+                root = str(self.rt.blobs.root)
+                pool = _pools.get(root)
+                if pool is not None:
+                    _drop_pool(root, pool)
+            return self._parse_inline(chunk)
+
+    def _to_raw(self, uid: int, raw: RawInbound, cursor: MailCursor) -> RawInbound:
         raw.external_id = external_id_for(
             raw.headers.get("message-id"), self.scope, cursor.uidvalidity, uid
         )
@@ -159,22 +269,47 @@ class MailPoller:
         return raw
 
     async def sync(self, mailbox: ImapMailbox, cursor: MailCursor) -> int:
-        """Fetch and publish everything after the cursor; returns how many were published."""
+        """Fetch and publish everything after the cursor; returns how many were published.
+
+        Fetching and parsing run ahead of publishing by a few chunks; chunks are published
+        and acknowledged one after the other in UID order, so `acked` only ever covers
+        messages the broker acknowledged.
+        """
         published = 0
-        async for chunk in mailbox.fetch_new(cursor.acked, chunk=100):
-            raws = [self._to_raw(uid, data, cursor) for uid, data in chunk]
-            await bus.publish_all(
-                self.rt.producer,
-                [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws],
-            )
-            now = time.time()
-            for (uid, _), raw in zip(chunk, raws, strict=True):
-                cursor.pending[uid] = (raw.external_id, now)
-            cursor.acked = max(cursor.acked, chunk[-1][0])
-            published += len(raws)
-            metrics.INBOUND.labels(self.channel, self.account.name).inc(len(raws))
-            await self._save_cursor(cursor)
+        ahead: deque[tuple[list[tuple[int, bytes]], asyncio.Future[list[RawInbound]]]] = deque()
+        try:
+            async for chunk in mailbox.fetch_new(cursor.acked, chunk=_FETCH_CHUNK):
+                ahead.append((chunk, self._parse(chunk)))
+                if len(ahead) >= _PIPELINE_DEPTH:
+                    published += await self._publish(*ahead.popleft(), cursor)
+            while ahead:
+                published += await self._publish(*ahead.popleft(), cursor)
+        finally:
+            for _, parsing in ahead:
+                if parsing.done() and not parsing.cancelled():
+                    parsing.exception()  # retrieved: these chunks are fetched again next time
+                parsing.cancel()
         return published
+
+    async def _publish(
+        self,
+        chunk: list[tuple[int, bytes]],
+        parsing: asyncio.Future[list[RawInbound]],
+        cursor: MailCursor,
+    ) -> int:
+        parsed = await self._parsed(chunk, parsing)
+        raws = [self._to_raw(uid, raw, cursor) for (uid, _), raw in zip(chunk, parsed, strict=True)]
+        await bus.publish_all(
+            self.rt.producer,
+            [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws],
+        )
+        now = time.time()
+        for (uid, _), raw in zip(chunk, raws, strict=True):
+            cursor.pending[uid] = (raw.external_id, now)
+        cursor.acked = max(cursor.acked, chunk[-1][0])
+        metrics.INBOUND.labels(self.channel, self.account.name).inc(len(raws))
+        await self._save_cursor(cursor)
+        return len(raws)
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 1.0
