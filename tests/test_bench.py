@@ -60,6 +60,9 @@ def test_bench_raw_topic_stores_every_message_once(tmp_path: Path) -> None:
     assert result["stages"]["ticketing"]["records"] == 2000
     assert result["stages"]["ticketing"]["shunted"] == 0
     assert result["rss_mb"]["start"] > 0 and result["rss_mb"]["end"] > 0
+    samples = result["memory_samples"]
+    assert samples and all(sample["rss_mb"] > 0 for sample in samples)
+    assert samples[-1]["stored"] <= 2000 and samples[-1]["workers_rss_mb"] == []
     assert "configured server" in result["database"]
     assert "embedded Tansu" in result["broker"]
     # The run's own database is gone afterwards.
@@ -82,6 +85,9 @@ def test_bench_with_two_worker_processes_per_stage(tmp_path: Path) -> None:
     assert result["distinct_keys"] == 1000
     assert result["stages"]["ticketing"]["records"] == 1000
     assert len(result["workers_rss_mb"]) == 4
+    # Every memory sample covers all four worker processes.
+    assert all(len(sample["workers_rss_mb"]) == 4 for sample in result["memory_samples"])
+    assert all(rss > 0 for sample in result["memory_samples"] for rss in sample["workers_rss_mb"])
 
 
 def test_bench_reads_an_imap_backlog(tmp_path: Path, dovecot: DovecotServer) -> None:

@@ -79,6 +79,10 @@ def rss_mb(pid: int | str = "self") -> float | None:
     return None
 
 
+# Seconds between memory samples over a run (a sample also counts the stored messages).
+RSS_SAMPLE_SECONDS = 5.0
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -221,6 +225,9 @@ class InProcessStages:
     def worker_rss(self) -> list[float]:
         return []
 
+    def current_worker_rss(self) -> list[float]:
+        return []
+
     async def stop(self) -> None:
         for stage in self.stages:
             stage.stop()
@@ -310,6 +317,9 @@ class WorkerProcesses:
 
     def worker_rss(self) -> list[float]:
         return getattr(self, "_rss", [])
+
+    def current_worker_rss(self) -> list[float]:
+        return [rss_mb(p.pid) or 0.0 for _, p, _, _ in self.processes]
 
     async def stop(self) -> None:
         for _, process, _, _ in self.processes:
@@ -508,6 +518,31 @@ def webhook_client_main() -> None:
 # -- waiting and measuring -----------------------------------------------------------------
 
 
+async def sample_memory(
+    pool: asyncpg.Pool,
+    stages: InProcessStages | WorkerProcesses,
+    samples: list[dict[str, Any]],
+    every: float = RSS_SAMPLE_SECONDS,
+) -> None:
+    """Append the resident sizes (this process, each worker) and the stored count every `every` s.
+
+    Runs until cancelled; growth after warm-up is what a long run is meant to show.
+    """
+    started = time.monotonic()
+    while True:
+        try:
+            stored: int | None = await pool.fetchval(
+                "SELECT count(*) FROM messages WHERE direction = 'in'"
+            )
+        except (asyncpg.PostgresError, OSError):
+            stored = None  # a sample without the count beats a lost run
+        samples.append({
+            "seconds": round(time.monotonic() - started, 1), "stored": stored,
+            "rss_mb": rss_mb(), "workers_rss_mb": stages.current_worker_rss(),
+        })  # fmt: skip
+        await asyncio.sleep(every)
+
+
 async def wait_stored(
     pool: asyncpg.Pool,
     where: str,
@@ -683,6 +718,8 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                     rt.bootstrap, list(stages.groups.values()), [bus.RAW, bus.MATCHED]
                 )
             await stages.start()
+            memory: list[dict[str, Any]] = []
+            sampling = asyncio.create_task(sample_memory(rt.pool, stages, memory))
             try:
                 await wait_for_groups(rt.bootstrap, stages.members())
                 before = stages.figures()
@@ -727,7 +764,11 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                     result["stages"] = stages.figures()
                     result["workers_rss_mb"] = stages.worker_rss()
             finally:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
                 await stages.stop()
+            result["memory_samples"] = memory
             result["database"] = database
             result["broker"] = rt.started.get("broker", f"configured broker {rt.bootstrap}")
         result["rss_mb"] = {"start": rss_start, "end": rss_mb(), "peak": peak_rss_mb()}
@@ -774,6 +815,23 @@ def format_text(result: dict[str, Any]) -> str:
     lines.append(
         f"  memory (RSS): {rss['start']} MiB at start, {rss['end']} MiB at end, peak {rss['peak']} MiB"
     )
+    samples = result.get("memory_samples") or []
+    if len(samples) > 1:
+        # About ten points of the series: enough to see growth after warm-up.
+        step = max(1, len(samples) // 10)
+        shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+        lines.append(
+            "  memory over the run (stored: bench RSS [workers]): "
+            + "; ".join(
+                f"{s['stored']}: {s['rss_mb']} MiB"
+                + (
+                    f" [{', '.join(str(w) for w in s['workers_rss_mb'])}]"
+                    if s["workers_rss_mb"]
+                    else ""
+                )
+                for s in shown
+            )
+        )
     if result.get("workers_rss_mb"):
         lines.append(
             f"  workers' RSS at end: {', '.join(f'{m} MiB' for m in result['workers_rss_mb'])}"
