@@ -567,6 +567,64 @@ async def wait_stored(
         await asyncio.sleep(0.1)
 
 
+async def locate_missing(
+    rt: Runtime, stages: InProcessStages | WorkerProcesses, run_id: str, expected: int
+) -> str:
+    """For a run that stalled: which messages are not stored, and where each one is on the broker."""
+    rows = await rt.pool.fetch(
+        "SELECT external_id FROM messages WHERE direction = 'in' AND account = $1", BENCH_ACCOUNT
+    )
+    stored = {r["external_id"] for r in rows}
+    missing = [
+        f"bench-{run_id}-{i}" for i in range(expected) if f"bench-{run_id}-{i}" not in stored
+    ]
+    if not missing:
+        return "no message is missing"
+    wanted = {json.dumps(ext).encode(): ext for ext in missing[:50]}
+    seen: dict[str, list[str]] = {ext: [] for ext in wanted.values()}
+    topics = [bus.RAW, bus.MATCHED, bus.SHUNT]
+    consumer = AIOKafkaConsumer(bootstrap_servers=rt.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    lines = [f"{len(missing)} missing, e.g. {', '.join(missing[:5])}"]
+    try:
+        partitions = [
+            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()
+        ]
+        ends = await consumer.end_offsets(partitions)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        left = {tp for tp, end in ends.items() if end > 0}
+        while left:
+            batches = await consumer.getmany(*left, timeout_ms=2000, max_records=5000)
+            if not batches:
+                break  # the rest cannot be read; say what was found
+            for tp, records in batches.items():
+                for record in records:
+                    for needle, ext in wanted.items():
+                        if record.value and needle in record.value:
+                            seen[ext].append(f"{tp.topic}[{tp.partition}]@{record.offset}")
+                    if record.offset + 1 >= ends[tp]:
+                        left.discard(tp)
+        for name, group in stages.groups.items():
+            committed = []
+            for tp in partitions:
+                if tp.topic == (bus.RAW if name == "normalizer" else bus.MATCHED):
+                    admin = AIOKafkaConsumer(bootstrap_servers=rt.bootstrap, group_id=group,
+                                             enable_auto_commit=False)  # fmt: skip
+                    await admin.start()
+                    try:
+                        offset = await admin.committed(tp)
+                    finally:
+                        await admin.stop()
+                    committed.append(f"{tp.partition}: {offset}/{ends[tp]}")
+            lines.append(f"group {group} committed/end: {', '.join(committed)}")
+    finally:
+        await consumer.stop()
+    for ext, places in seen.items():
+        lines.append(f"{ext}: {', '.join(places) or 'on no topic'}")
+    return "\n".join(lines)
+
+
 async def latency_figures(pool: asyncpg.Pool, account: str, started: float) -> dict[str, Any]:
     rows = await pool.fetch(
         "SELECT extract(epoch FROM stored_at)::float8 AS stored,"
@@ -730,14 +788,19 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                 else:
                     await offer_raw(rt, opts, run_id)
                 offered_seconds = time.time() - started
-                await wait_stored(
-                    rt.pool,
-                    "direction = 'in' AND account = $1",
-                    (BENCH_ACCOUNT,),
-                    opts.messages,
-                    stages,
-                    opts.stall_seconds,
-                )
+                try:
+                    await wait_stored(
+                        rt.pool,
+                        "direction = 'in' AND account = $1",
+                        (BENCH_ACCOUNT,),
+                        opts.messages,
+                        stages,
+                        opts.stall_seconds,
+                    )
+                except BenchError as exc:
+                    # Say where the missing messages got to before the run's broker is gone.
+                    where = await locate_missing(rt, stages, run_id, opts.messages)
+                    raise BenchError(f"{exc}\n{where}") from None
                 figures = await latency_figures(rt.pool, BENCH_ACCOUNT, started)
                 verified = await rt.pool.fetchrow(
                     "SELECT count(*) AS rows, count(DISTINCT (channel, account, external_id)) AS keys,"
