@@ -143,6 +143,7 @@ async def test_killed_parser_processes_fall_back_to_the_poller(
     # Start the workers, then kill them: the next chunk meets a broken pool.
     pool.submit(os.getpid).result(timeout=60)
     for process in list(pool._processes.values()):
+        assert process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
     _, cursor = await run_sync(runtime, dovecot, user)
     assert cursor.acked == max(uids)
