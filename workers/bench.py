@@ -777,9 +777,12 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                 )
             await stages.start()
             memory: list[dict[str, Any]] = []
-            sampling = asyncio.create_task(sample_memory(rt.pool, stages, memory))
+            sampling: asyncio.Task[None] | None = None
             try:
                 await wait_for_groups(rt.bootstrap, stages.members())
+                # Sample once every worker has joined its group: a process still starting
+                # has no resident size to read yet.
+                sampling = asyncio.create_task(sample_memory(rt.pool, stages, memory))
                 before = stages.figures()
                 started = time.time()
                 if opts.via == "webhook":
@@ -827,9 +830,10 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                     result["stages"] = stages.figures()
                     result["workers_rss_mb"] = stages.worker_rss()
             finally:
-                sampling.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampling
+                if sampling is not None:
+                    sampling.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sampling
                 await stages.stop()
             result["memory_samples"] = memory
             result["database"] = database
