@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -140,11 +141,21 @@ def test_schemathesis_finds_no_server_errors(api_stack: LoketStack, tmp_path: Pa
         "--request-timeout", "20", "--seed", "20241128", "--workers", "2",
         "--report", "junit", "--report-junit-path", str(junit), "--include-path-regex", "^/api",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
-    output = result.stdout + result.stderr
-    summary = "\n".join(output.splitlines()[-40:])
+    for attempt in (1, 2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+        output = result.stdout + result.stderr
+        summary = "\n".join(output.splitlines()[-40:])
+        assert junit.exists(), summary
+        report = ElementTree.parse(junit).getroot()
+        # A check that failed (a 5xx) is a finding: never retried. Schemathesis's own
+        # generator sometimes crashes inside the interpreter ("AST constructor recursion
+        # depth mismatch"); such a run counts as an error, not a failure, and runs again.
+        assert report.get("failures") == "0", summary
+        if result.returncode == 0 or attempt == 2:
+            break
+        internal = "Runtime Error" in output and report.get("errors") != "0"
+        assert internal, summary
     assert result.returncode == 0, summary
-    assert junit.exists()
     print(f"\nschemathesis ({sys.version_info[:2]}):\n" + "\n".join(output.splitlines()[-8:]))
 
 
