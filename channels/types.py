@@ -23,6 +23,11 @@ CHANNELS: tuple[str, ...] = (
 OUTBOUND_CHANNELS: tuple[str, ...] = ("email", "sms", "fax", "facebook", "twitter", "telegram")
 
 
+def outbound_topic(channel: str) -> str:
+    """The topic a channel's replies wait on for its delivery stage."""
+    return f"loket.outbound.{channel}"
+
+
 def new_trace_id() -> str:
     """A fresh trace id carried by a message from its adapter to its ticket."""
     return uuid.uuid4().hex

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from channels.types import OUTBOUND_CHANNELS, DeliveryReceipt, OutboundReply
+from channels.types import OUTBOUND_CHANNELS, DeliveryReceipt, OutboundReply, outbound_topic
 
 # Reply target channels in order of preference when the ticket has no inbound message to answer.
 _IDENTITY_CHANNELS = {"email": "email", "phone": "sms", "telegram": "telegram",
@@ -19,10 +19,6 @@ _STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 
 class ReplyError(Exception):
     """The reply cannot be sent as asked; the message says why (shown to the agent)."""
-
-
-def outbound_topic(channel: str) -> str:
-    return f"loket.outbound.{channel}"
 
 
 async def enqueue(

@@ -22,7 +22,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
-from channels.types import OUTBOUND_CHANNELS
+from channels.types import OUTBOUND_CHANNELS, outbound_topic
 from ticketing.db import is_transient
 from workers import metrics
 
@@ -38,10 +38,6 @@ SHUNT = "loket.shunt"
 
 # How long the broker may hold a fetch that finds nothing new (the latency of an idle hop).
 FETCH_MAX_WAIT_MS = 50
-
-
-def outbound_topic(channel: str) -> str:
-    return f"loket.outbound.{channel}"
 
 
 ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [
