@@ -43,6 +43,10 @@ FETCH_MAX_WAIT_MS = 50
 ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [
     outbound_topic(c) for c in OUTBOUND_CHANNELS
 ]
+# Created with the others and never written or read: a broker that lacks it has lost its
+# state (the in-memory embedded broker after a restart). A pipeline topic cannot tell, since
+# the first publish after such a restart creates its topic again.
+MARKER = "loket.marker"
 
 
 async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -> None:
@@ -56,11 +60,11 @@ async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -
         missing = [
             NewTopic(
                 name=t,
-                num_partitions=partitions,
+                num_partitions=1 if t == MARKER else partitions,
                 replication_factor=replication,
                 topic_configs=configs,
             )
-            for t in ALL_TOPICS
+            for t in [*ALL_TOPICS, MARKER]
             if t not in existing
         ]
         if missing:

@@ -69,14 +69,16 @@ class Runtime:
 
         The embedded broker keeps everything in memory: after a restart its topics, offsets
         and groups are gone, and consumers that kept their old positions would skip the
-        first messages of the new topics. Stages and pollers restart on a new epoch.
+        first messages of the new topics. Stages and pollers restart on a new epoch. The
+        marker topic tells: a webhook accepted right after the restart creates its own topic
+        again, but nothing ever creates the marker except `ensure_topics`.
         """
         while not stop.is_set():
             try:
                 metadata = await asyncio.wait_for(
                     self.producer.client.fetch_all_metadata(), timeout=5
                 )
-                if bus.RAW not in metadata.topics():
+                if bus.MARKER not in metadata.topics():
                     await bus.ensure_topics(
                         self.bootstrap, self.settings.partitions, self.settings.kafka_replication
                     )
