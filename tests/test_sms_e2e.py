@@ -28,6 +28,7 @@ from tests.support.broker import TansuBroker
 from tests.support.kannel import KannelGateway, kannel_available
 from tests.support.ports import free_port
 from tests.support.stack import LoketStack, wait_until
+from workers import bus
 
 pytestmark = [
     pytest.mark.slow,
@@ -242,7 +243,7 @@ def raw_topic_texts(bootstrap: str) -> list[str]:
             ]
             assert partitions, "the raw topic has no partitions"
             consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
+            bus.seek_to_start(consumer, partitions)
             ends = await consumer.end_offsets(partitions)
             values: list[str] = []
             for tp in partitions:

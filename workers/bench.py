@@ -35,6 +35,7 @@ from channels.smtp import EmailAccount
 from channels.types import RawInbound, encoder
 from workers import bus
 from workers.embedded import free_port
+from workers.ops import true_end_offsets
 from workers.runtime import Runtime
 from workers.settings import ConfigError, Settings
 
@@ -590,9 +591,9 @@ async def locate_missing(
         partitions = [
             TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()
         ]
-        ends = await consumer.end_offsets(partitions)
+        ends = await true_end_offsets(consumer, partitions)
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        bus.seek_to_start(consumer, partitions)
         left = {tp for tp, end in ends.items() if end > 0}
         while left:
             batches = await consumer.getmany(*left, timeout_ms=2000, max_records=5000)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
@@ -74,6 +74,33 @@ async def ensure_topics(bootstrap: str, partitions: int, replication: int = 1) -
                 pass  # another process created them first
     finally:
         await admin.close()
+
+
+def seek_to_start(consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
+    """Position `partitions` at their first record.
+
+    Offset 0 rather than the broker's log-start offset: the embedded Tansu broker can answer
+    that with the second batch's offset when the first two batches of a partition came from
+    two producers at the same moment, and a reader starting there never sees the first batch.
+    Where retention has removed offset 0 (Kafka), the fetch is out of range and the
+    consumer's `auto_offset_reset="earliest"` moves it to the true start.
+    """
+    for tp in partitions:
+        consumer.seek(tp, 0)
+
+
+class _StartNewPartitionsAtZero(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A group's first read of a partition begins at offset 0 (see `seek_to_start`)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer):
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        fresh = [tp for tp in assigned if await self.consumer.committed(tp) is None]
+        seek_to_start(self.consumer, fresh)
 
 
 def make_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProducer:
@@ -194,7 +221,6 @@ class Stage:
         if self.partitions:
             await ensure_topics(self.bootstrap, self.partitions, self.replication)
         consumer = AIOKafkaConsumer(
-            *self.topics,
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id or f"loket.{self.name}",
             enable_auto_commit=False,
@@ -208,6 +234,7 @@ class Stage:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
+        consumer.subscribe(self.topics, listener=_StartNewPartitionsAtZero(consumer))
         await consumer.start()
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))

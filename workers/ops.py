@@ -188,7 +188,7 @@ def _consumer(bootstrap: str) -> AIOKafkaConsumer:
     )  # fmt: skip
 
 
-async def _end_offsets(
+async def true_end_offsets(
     consumer: AIOKafkaConsumer, tps: list[TopicPartition]
 ) -> dict[TopicPartition, int]:
     """End offsets as consumers see them: the larger of ListOffsets and a fetch's high watermark.
@@ -227,7 +227,7 @@ async def kafka_view(bootstrap: str, topics: list[str], groups: dict[str, str]) 
         partitions = await _partitions(consumer, topics)
         tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in ps]
         begin = await consumer.beginning_offsets(tps) if tps else {}
-        end = await _end_offsets(consumer, tps) if tps else {}
+        end = await true_end_offsets(consumer, tps) if tps else {}
         members: dict[str, int] = {}
         committed: dict[str, dict[TopicPartition, int]] = {}
         # Groups are asked for by name, one at a time: some brokers list a group only once it
@@ -572,10 +572,9 @@ async def read_shunt(bootstrap: str, within: float = 30.0) -> list[ShuntEntry]:
         tps = [TopicPartition(bus.SHUNT, p) for p in partitions]
         if not tps:
             return []
-        begin = await consumer.beginning_offsets(tps)
-        end = await _end_offsets(consumer, tps)
-        waiting = {tp for tp in tps if end[tp] > begin[tp]}
-        await consumer.seek_to_beginning(*tps)
+        end = await true_end_offsets(consumer, tps)
+        waiting = {tp for tp in tps if end[tp] > 0}
+        bus.seek_to_start(consumer, tps)
         entries: list[ShuntEntry] = []
         deadline = time.monotonic() + within
         while waiting:
@@ -593,7 +592,9 @@ async def read_shunt(bootstrap: str, within: float = 30.0) -> list[ShuntEntry]:
                     entries.append(
                         ShuntEntry(tp.partition, record.offset, decoded, record.value or b"")
                     )
-                if records and records[-1].offset >= end[tp] - 1:
+            for tp in list(waiting):
+                # Also ends a partition whose records retention removed (its start is its end).
+                if await consumer.position(tp) >= end[tp]:
                     waiting.discard(tp)
         entries.sort(key=lambda e: (e.record.at if e.record else 0.0, e.partition, e.offset))
         return entries
