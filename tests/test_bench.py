@@ -81,6 +81,7 @@ def test_bench_through_the_kannel_webhook(tmp_path: Path) -> None:
 
 def test_bench_with_two_worker_processes_per_stage(tmp_path: Path) -> None:
     result = bench(tmp_path, "--processes", "2", "--messages", "1000", "--callers", "100")
+    assert result["scale"] == ["normalizer", "ticketing"]
     assert result["verified_rows"] == 1000
     assert result["distinct_keys"] == 1000
     assert result["stages"]["ticketing"]["records"] == 1000
@@ -88,6 +89,31 @@ def test_bench_with_two_worker_processes_per_stage(tmp_path: Path) -> None:
     # Every memory sample covers all four worker processes.
     assert all(len(sample["workers_rss_mb"]) == 4 for sample in result["memory_samples"])
     assert all(rss > 0 for sample in result["memory_samples"] for rss in sample["workers_rss_mb"])
+
+
+def test_bench_with_two_ticketing_processes_behind_one_normalizer(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--processes", "2", "--scale", "ticketing",
+                   "--messages", "2000", "--callers", "200")  # fmt: skip
+    assert result["scale"] == ["ticketing"]
+    assert len(result["workers_rss_mb"]) == 3
+    assert result["verified_rows"] == 2000
+    assert result["distinct_keys"] == 2000
+    assert result["callers_created"] == 200
+    assert result["stages"]["normalizer"]["records_per_process"] == [2000]
+    # Both ticketing processes took part, and between them handled each record once.
+    shares = result["stages"]["ticketing"]["records_per_process"]
+    assert len(shares) == 2 and all(share > 0 for share in shares)
+    assert sum(shares) >= 2000  # a record redone after a rebalance is counted twice, stored once
+
+
+def test_bench_refuses_an_unknown_stage_to_scale(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "bench", "--processes", "2", "--scale", "relay"],
+        env={**os.environ, "LOKET_DATABASE_URL": db.SERVER_URL}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--scale names one or more of: normalizer, ticketing" in done.stderr
 
 
 def test_bench_reads_an_imap_backlog(tmp_path: Path, dovecot: DovecotServer) -> None:

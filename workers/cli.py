@@ -280,6 +280,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="`loket worker` processes per stage (default 1 = stages run in this process)",
     )
     bench.add_argument(
+        "--scale",
+        default="normalizer,ticketing",
+        metavar="STAGES",
+        help="the stages that get --processes processes, comma-separated; the others run one"
+        " (default normalizer,ticketing)",
+    )
+    bench.add_argument(
         "--via",
         choices=["raw", "webhook"],
         default="raw",
@@ -316,7 +323,8 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> None:
 
     options = BenchOptions(
         messages=args.messages, callers=args.callers, size=args.size, rate=args.rate,
-        processes=args.processes, via=args.via, concurrency=args.concurrency, email=args.email,
+        processes=args.processes, scale=tuple(s.strip() for s in args.scale.split(",") if s.strip()),
+        via=args.via, concurrency=args.concurrency, email=args.email,
         imap_host=args.imap_host, imap_port=args.imap_port, imap_user=args.imap_user,
         imap_password=args.imap_password, imap_folder=args.imap_folder, imap_tls=args.imap_tls,
         bootstrap=args.bootstrap,
