@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -21,6 +22,9 @@ _TEL_PREFIX = re.compile(r"^tel:", re.IGNORECASE)
 _UNPREFIXED_TYPES = (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE)
 
 
+# A help desk hears from the same numbers again and again, and parsing one costs about as
+# much as the rest of normalizing a message: keep the recent answers (Identity is frozen).
+@functools.lru_cache(maxsize=65536)
 def normalize_phone(text: str, *, kind: str = "phone", region: str = "ID") -> Identity:
     """Turn a typed number into an identity: E.164 when valid, else the trimmed text, `valid=False`.
 

@@ -173,3 +173,32 @@ def test_values_postgres_cannot_hold_are_4xx_not_5xx(api_stack: LoketStack) -> N
     ticket = agent.post("/api/tickets", json={"caller_id": caller.json()["id"], "body": "a\u0000b"})
     assert ticket.status_code == 422, ticket.text
     assert "value not accepted" in ticket.json()["detail"]
+
+
+def test_api_login_is_throttled_after_five_failures(api_stack: LoketStack) -> None:
+    username = f"guessed-{uuid.uuid4().hex[:8]}"
+    password = api_stack.add_agent(username)
+    other = f"bystander-{uuid.uuid4().hex[:8]}"
+    other_password = api_stack.add_agent(other)
+    with httpx.Client(base_url=api_stack.url, timeout=30) as client:
+        for attempt in range(5):
+            wrong = client.post(
+                "/api/login", json={"username": username, "password": f"salah-{attempt}"}
+            )
+            assert wrong.status_code == 401, wrong.text
+        # The sixth try is refused even with the right password, and says when to come back.
+        blocked = client.post("/api/login", json={"username": username, "password": password})
+        assert blocked.status_code == 429, blocked.text
+        assert int(blocked.headers["Retry-After"]) > 60
+        assert "token" not in blocked.json()
+        # The console login counts the same failures.
+        client.get("/login")
+        csrf = client.cookies["loket_csrf"]
+        page = client.post(
+            "/login", data={"username": username, "password": password, "csrf": csrf}
+        )
+        assert page.status_code == 429, page.status_code
+        # Another agent at the same address is not affected.
+        fine = client.post("/api/login", json={"username": other, "password": other_password})
+        assert fine.status_code == 200, fine.text
+        assert fine.json()["token"]

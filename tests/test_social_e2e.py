@@ -771,6 +771,13 @@ def channel_up(stack: LoketStack, channel: str, account: str) -> float | None:
     return None
 
 
+def health_of(url: str, channel: str, account: str, state: str) -> dict[str, Any] | None:
+    """The channel_health row of one account when it is in `state`."""
+    rows = db.fetch(url, "SELECT state, last_ok_at, last_error FROM channel_health"
+                         " WHERE channel = $1 AND account = $2 AND state = $3", channel, account, state)  # fmt: skip
+    return rows[0] if rows else None
+
+
 def test_telegram_polling_outage_backs_off_and_recovers(
     social: LoketStack, social_db: str, platforms: Platforms
 ) -> None:
@@ -782,11 +789,18 @@ def test_telegram_polling_outage_backs_off_and_recovers(
     update = telegram_update(user, text="Dikirim saat Telegram gangguan")
     platforms.loop.call(lambda: server.updates.append(update))
     wait_until(lambda: channel_up(social, "telegram", "tg-poll") == 0.0, what="channel down")
+    # `loket status` and the ops view read the same state, with the reason, from the database.
+    down = wait_until(
+        lambda: health_of(social_db, "telegram", "tg-poll", "down"), what="health down"
+    )
+    assert down["last_error"], down
     wait_until(
         lambda: messages_from(social_db, "telegram", str(user)), what="ingested after outage"
     )
     elapsed = time.monotonic() - started
     wait_until(lambda: channel_up(social, "telegram", "tg-poll") == 1.0, what="channel up again")
+    up = wait_until(lambda: health_of(social_db, "telegram", "tg-poll", "up"), what="health up")
+    assert up["last_error"] is None and up["last_ok_at"] is not None
     # Three failed polls, then pauses of 1 s, 2 s and 4 s: the poller backs off, it does not hammer.
     assert elapsed >= 6.5, elapsed
 

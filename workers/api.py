@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -13,6 +15,48 @@ from workers.runtime import Runtime
 
 SESSION_COOKIE = "loket_session"
 router = APIRouter(prefix="/api")
+# Login throttle: this many failures per username and address within the window answer 429.
+LOGIN_MAX_FAILURES = 5
+LOGIN_WINDOW_SECONDS = 15 * 60
+
+
+class LoginThrottle:
+    """Failed logins per (username, address) in a sliding window, kept in this process.
+
+    One instance serves the API and the console, so guesses through one count for both.
+    """
+
+    def __init__(self, limit: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW_SECONDS):
+        self.limit = limit
+        self.window = window
+        self.failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        stamps = self.failures.setdefault(key, deque())
+        while stamps and stamps[0] <= now - self.window:
+            stamps.popleft()
+        return stamps
+
+    def blocked_for(self, username: str, address: str, now: float | None = None) -> float:
+        """Seconds until another try is allowed; 0 when it is allowed now."""
+        now = time.monotonic() if now is None else now
+        stamps = self._recent((username.lower(), address), now)
+        if len(stamps) < self.limit:
+            return 0.0
+        return max(stamps[0] + self.window - now, 1.0)
+
+    def failed(self, username: str, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = (username.lower(), address)
+        self._recent(key, now).append(now)
+        if len(self.failures) > 100_000:  # a flood of made-up names must not eat the memory
+            self.failures = {k: v for k, v in self.failures.items() if v}
+
+    def succeeded(self, username: str, address: str) -> None:
+        self.failures.pop((username.lower(), address), None)
+
+
+login_throttle = LoginThrottle()
 
 
 def runtime(request: Request) -> Runtime:
@@ -73,11 +117,21 @@ class LoginResponse(BaseModel):
 async def login(body: LoginRequest, request: Request, response: Response) -> LoginResponse:
     """Exchange username and password for a bearer token (also set as an HttpOnly cookie)."""
     rt = runtime(request)
+    address = request.client.host if request.client else "-"
+    wait = login_throttle.blocked_for(body.username, address)
+    if wait:
+        raise HTTPException(
+            429,
+            "too many failed logins; try again later",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     async with rt.pool.acquire() as conn:
         agent = await agents.authenticate(conn, body.username, body.password)
         if agent is None:
+            login_throttle.failed(body.username, address)
             raise HTTPException(401, "wrong username or password")
         token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
+    login_throttle.succeeded(body.username, address)
     response.set_cookie(
         SESSION_COOKIE,
         token,

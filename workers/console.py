@@ -10,7 +10,6 @@ import logging
 import secrets
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from ticketing import agents, procedure, replies
 from ticketing.callers import IdentityTaken
 from ticketing.states import CLOSE_REASONS, STATUSES, TIERS, TransitionError
 from workers import bus
-from workers.api import SESSION_COOKIE
+from workers.api import SESSION_COOKIE, login_throttle
 from workers.i18n import LANG_COOKIE, LANGUAGES, Translator
 from workers.runtime import Runtime
 
@@ -47,9 +46,6 @@ STATIC_DIR = _HERE / "static"
 CSRF_COOKIE = "loket_csrf"
 PAGE_SIZE = 100
 TIMELINE_LIMIT = 300
-# Login throttle: this many failures per username and address within the window answer 429.
-LOGIN_MAX_FAILURES = 5
-LOGIN_WINDOW_SECONDS = 15 * 60
 # An event stream ends after this long and the browser reconnects (EventSource does so by
 # itself): a stopping server is never held up for longer by an open console.
 STREAM_SECONDS = 15.0
@@ -251,42 +247,6 @@ async def static_file(name: str) -> FileResponse:
 # --- login, logout, language ----------------------------------------------------------------
 
 
-class LoginThrottle:
-    """Failed logins per (username, address) in a sliding window, kept in this process."""
-
-    def __init__(self, limit: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW_SECONDS):
-        self.limit = limit
-        self.window = window
-        self.failures: dict[tuple[str, str], deque[float]] = {}
-
-    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
-        stamps = self.failures.setdefault(key, deque())
-        while stamps and stamps[0] <= now - self.window:
-            stamps.popleft()
-        return stamps
-
-    def blocked_for(self, username: str, address: str, now: float | None = None) -> float:
-        """Seconds until another try is allowed; 0 when it is allowed now."""
-        now = time.monotonic() if now is None else now
-        stamps = self._recent((username.lower(), address), now)
-        if len(stamps) < self.limit:
-            return 0.0
-        return max(stamps[0] + self.window - now, 1.0)
-
-    def failed(self, username: str, address: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        key = (username.lower(), address)
-        self._recent(key, now).append(now)
-        if len(self.failures) > 100_000:  # a flood of made-up names must not eat the memory
-            self.failures = {k: v for k, v in self.failures.items() if v}
-
-    def succeeded(self, username: str, address: str) -> None:
-        self.failures.pop((username.lower(), address), None)
-
-
-_throttle = LoginThrottle()
-
-
 @router.get("/login", response_class=HTMLResponse)
 async def login_page(request: Request, next: str = "/") -> HTMLResponse:
     return _render(request, "login.html", {"next": _safe_next(next), "error": None, "username": ""})
@@ -301,7 +261,7 @@ async def login_submit(request: Request) -> Response:
     t = _translator(request)
     address = _client_ip(request)
     context = {"next": target, "username": username}
-    wait = _throttle.blocked_for(username, address)
+    wait = login_throttle.blocked_for(username, address)
     if wait:
         minutes = max(int(wait // 60) + 1, 1)
         response = _render(request, "login.html", {**context, "error": t("login.throttled", minutes=minutes)},
@@ -314,12 +274,12 @@ async def login_submit(request: Request) -> Response:
             await agents.authenticate(conn, username, password) if username and password else None
         )
         if agent is None:
-            _throttle.failed(username, address)
+            login_throttle.failed(username, address)
             return _render(
                 request, "login.html", {**context, "error": t("login.wrong")}, status=401
             )
         token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
-    _throttle.succeeded(username, address)
+    login_throttle.succeeded(username, address)
     redirect = _redirect(target)
     redirect.set_cookie(
         SESSION_COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https",

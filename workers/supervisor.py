@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -71,6 +72,12 @@ async def open_runtime(
         try:
             yield rt
         finally:
+            telegram = sys.modules.get("channels.telegram")
+            if telegram is not None:  # only loaded where a Telegram account is in use
+                try:
+                    await telegram.close_bots()
+                except Exception as exc:  # shutting down: say so, and stop the rest
+                    log.warning("closing the Telegram bots failed: %s", exc)
             await producer.stop()
             await pool.close()
     finally:

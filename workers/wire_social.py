@@ -25,7 +25,7 @@ from channels.types import (
     encoder,
 )
 from ticketing.db import is_transient
-from workers import bus, metrics
+from workers import bus, metrics, ops
 from workers.runtime import Runtime
 from workers.wiring import Sender, StageFactory
 
@@ -186,18 +186,19 @@ class SocialPoller:
                     cursor, loaded = await self.load_cursor(), True
                 published, cursor = await self.poll_once(cursor, stop)
                 metrics.channel_ok(self.channel, self.account.name, time.time())
+                await ops.note_channel_ok(self.rt.pool, self.channel, self.account.name)
                 self.last_error, delay = None, 1.0
                 # A full batch may have more behind it: poll again at once.
                 pause = 0.0 if published else self.poll_seconds
             except (ChannelError, OSError, TimeoutError, bus.KafkaError) as exc:
-                self._down(exc)
+                await self._down(exc)
                 hint = exc.retry_after if isinstance(exc, ChannelError) else None
                 pause = max(delay, hint or 0.0)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                self._down(exc)
+                await self._down(exc)
                 pause, delay = delay, min(delay * 2, MAX_BACKOFF_SECONDS)
             if pause > 0 and not stop.is_set():
                 try:
@@ -205,7 +206,8 @@ class SocialPoller:
                 except TimeoutError:
                     pass
 
-    def _down(self, exc: BaseException) -> None:
+    async def _down(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
         metrics.channel_down(self.channel, self.account.name)
         log.warning("%s/%s: %s", self.channel, self.account.name, self.last_error)
+        await ops.note_channel_down(self.rt.pool, self.channel, self.account.name, self.last_error)
