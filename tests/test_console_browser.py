@@ -194,6 +194,21 @@ def test_call_from_unknown_number_then_lookup_in_another_format(
     expect(page.locator("h1")).to_contain_text("Akun Dapodik terkunci")
     expect(page.locator(".timeline")).to_contain_text("tidak bisa masuk ke Dapodik")
 
+    # The agent on the call takes the ticket; "my tickets" in the queue shows it.
+    expect(page.locator("#ticket-assignee")).to_have_text("belum diambil")
+    page.click("#take-ticket")
+    owner = db.fetchval(pg_url, "SELECT a.username FROM tickets t JOIN agents a ON a.id = t.assignee_id"
+                                " WHERE t.id = $1", ticket_id)  # fmt: skip
+    assert owner is not None
+    expect(page.locator("#ticket-assignee")).to_have_text(owner)
+    expect(page.locator("#take-ticket")).to_have_count(0)
+    expect(page.locator(".timeline")).to_contain_text(f"Diserahkan kepada {owner}")
+    page.goto(f"{stack.url}/?assignee=me&tier=")
+    expect(page.locator(f"#queue tr[data-ticket='{ticket_id}']")).to_contain_text(owner)
+    page.goto(f"{stack.url}/?assignee=none&tier=")
+    expect(page.locator(f"#queue tr[data-ticket='{ticket_id}']")).to_have_count(0)
+    page.goto(f"{stack.url}/tickets/{ticket_id}")
+
     # An internal note, then pend, escalate twice, close with the solution.
     page.fill("#note-body", "Penelepon akan dihubungi lagi sore ini.")
     page.click("#notes button")

@@ -190,6 +190,60 @@ async def test_resolving_twice_updates_one_draft_and_refusals_change_nothing(
     )
 
 
+async def test_assigning_a_ticket_records_who_gave_it_to_whom(conn: asyncpg.Connection) -> None:
+    caller_id = await new_caller(conn, f"Bu Sari {token()}", normalize_phone(mobile()))
+    ticket_id = await phone_ticket(conn, caller_id, subject="Internet sekolah putus")
+    agents = {}
+    for name, active in (("sari", True), ("budi", True), ("lama", False)):
+        agents[name] = await conn.fetchval(
+            "INSERT INTO agents (username, password_hash, role, active) VALUES ($1, 'x', 'agent', $2)"
+            " RETURNING id",
+            f"{name}-{token()}", active,
+        )  # fmt: skip
+
+    async def assign(to: int | None) -> int | None:
+        async with conn.transaction():
+            return await procedure.assign(
+                conn, ticket_id, to, actor="sari", agent_id=agents["sari"]
+            )
+
+    async def assignee() -> int | None:
+        return await conn.fetchval("SELECT assignee_id FROM tickets WHERE id = $1", ticket_id)
+
+    taken = await assign(agents["sari"])
+    assert taken is not None and await assignee() == agents["sari"]
+    assert await assign(agents["sari"]) is None  # no change, no event
+    handed = await assign(agents["budi"])
+    assert await assignee() == agents["budi"]
+    event = await conn.fetchrow(
+        "SELECT actor, agent_id, kind, data FROM ticket_events WHERE id = $1", handed
+    )
+    assert (
+        event["kind"] == "assigned"
+        and event["actor"] == "sari"
+        and event["agent_id"] == agents["sari"]
+    )
+    assert event["data"]["from"] == agents["sari"] and event["data"]["to"] == agents["budi"]
+    assert event["data"]["to_username"].startswith("budi-")
+
+    # An inactive or unknown agent cannot take it; nothing changes.
+    for nobody in (agents["lama"], 10**15):
+        with pytest.raises(procedure.AgentNotFound):
+            await assign(nobody)
+    assert await assignee() == agents["budi"]
+    with pytest.raises(procedure.TicketNotFound):
+        async with conn.transaction():
+            await procedure.assign(conn, 10**15, agents["sari"], actor="sari", agent_id=None)
+
+    released = await assign(None)
+    assert released is not None and await assignee() is None
+    kinds = await conn.fetch(
+        "SELECT data->>'to' AS to FROM ticket_events WHERE ticket_id = $1 AND kind = 'assigned' ORDER BY id",
+        ticket_id,
+    )
+    assert [r["to"] for r in kinds] == [str(agents["sari"]), str(agents["budi"]), None]
+
+
 # --- SLA escalation ------------------------------------------------------------------------
 
 

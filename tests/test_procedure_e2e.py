@@ -254,3 +254,44 @@ def test_transitions_need_a_login_and_an_existing_ticket(stack: LoketStack) -> N
     assert agent.get("/api/callers/999999999").status_code == 404
     missing = agent.post("/api/tickets", json={"caller_id": 2**40, "channel": "phone", "body": "x"})
     assert missing.status_code == 404
+
+
+def test_tickets_are_taken_and_the_queue_filters_by_owner(stack: LoketStack) -> None:
+    sari_name = f"sari-{uuid.uuid4().hex[:6]}"
+    sari = stack.client(sari_name)
+    budi = stack.client()
+    login = httpx.post(f"{stack.url}/api/login", timeout=10,
+                       json={"username": sari_name, "password": "rahasia-123"})  # fmt: skip
+    sari_id = ok(login)["agent"]["id"]
+    caller = register(sari, "Pak Anwar", phone=f"0813{suffix()}")
+    tickets = [
+        ok(sari.post("/api/tickets", json={"caller_id": caller["id"], "channel": "phone",
+                                           "subject": f"Soal {n}", "body": "Printer macet"}), 201)["id"]
+        for n in range(2)
+    ]  # fmt: skip
+    assert all(ok(sari.get(f"/api/tickets/{t}"))["assignee_id"] is None for t in tickets)
+
+    def listed(client: httpx.Client, assignee: str) -> set[int]:
+        page = ok(client.get("/api/tickets", params={"assignee": assignee, "limit": 1000}))
+        return {t["id"] for t in page["tickets"]}
+
+    # Sari takes the first ticket: it is hers, and an event says who gave it to whom.
+    taken = ok(sari.post(f"/api/tickets/{tickets[0]}/assignee", json={"agent_id": sari_id}))
+    assert (taken["assignee_id"], taken["assignee"]) == (sari_id, sari_name)
+    [event] = [e for e in taken["events"] if e["kind"] == "assigned"]
+    assert event["actor"] == sari_name and event["data"]["to_username"] == sari_name
+    assert tickets[0] in listed(sari, "me") and tickets[1] not in listed(sari, "me")
+    assert tickets[0] not in listed(budi, "me")
+    assert tickets[0] in listed(budi, str(sari_id))
+    assert tickets[1] in listed(budi, "none") and tickets[0] not in listed(budi, "none")
+
+    # Released again, it is nobody's.
+    released = ok(budi.post(f"/api/tickets/{tickets[0]}/assignee", json={"agent_id": None}))
+    assert released["assignee_id"] is None and tickets[0] in listed(budi, "none")
+
+    # Refusals: an unknown agent, an unknown ticket, a malformed filter.
+    refused = sari.post(f"/api/tickets/{tickets[1]}/assignee", json={"agent_id": 2**40})
+    assert refused.status_code == 422, refused.text
+    assert sari.post(f"/api/tickets/{2**40}/assignee", json={"agent_id": None}).status_code == 404
+    assert sari.get("/api/tickets", params={"assignee": "somebody"}).status_code == 422
+    assert ok(sari.get(f"/api/tickets/{tickets[1]}"))["assignee_id"] is None

@@ -42,6 +42,10 @@ class TicketNotFound(LookupError):
     """No ticket with that id."""
 
 
+class AgentNotFound(LookupError):
+    """No active agent with that id."""
+
+
 class CallerConflict(Exception):
     """The caller records are not in a state that allows the change (e.g. already merged)."""
 
@@ -521,6 +525,45 @@ async def transition(
         before.tier, after.tier, note, data,
     )  # fmt: skip
     return Transitioned(ticket_id, before, after, event_id, kb_article_id)
+
+
+async def assign(
+    conn: asyncpg.Connection, ticket_id: int, assignee_id: int | None, *, actor: str,
+    agent_id: int | None, now: datetime | None = None,
+) -> int | None:  # fmt: skip
+    """Give a ticket to an agent (None: to nobody); the event's id, or None when nothing changed.
+
+    Must run inside a transaction. Only an active agent can take a ticket.
+    """
+    now = now or datetime.now(UTC)
+    row = await conn.fetchrow(
+        "SELECT t.assignee_id, a.username FROM tickets t LEFT JOIN agents a ON a.id = t.assignee_id"
+        " WHERE t.id = $1 FOR UPDATE OF t",
+        ticket_id,
+    )
+    if row is None:
+        raise TicketNotFound(f"ticket {ticket_id} does not exist")
+    username = None
+    if assignee_id is not None:
+        username = await conn.fetchval(
+            "SELECT username FROM agents WHERE id = $1 AND active", assignee_id
+        )
+        if username is None:
+            raise AgentNotFound(f"no active agent {assignee_id}")
+    if row["assignee_id"] == assignee_id:
+        return None
+    await conn.execute(
+        "UPDATE tickets SET assignee_id = $2, updated_at = $3 WHERE id = $1",
+        ticket_id, assignee_id, now,
+    )  # fmt: skip
+    data = {"from": row["assignee_id"], "from_username": row["username"], "to": assignee_id,
+            "to_username": username}  # fmt: skip
+    event_id: int = await conn.fetchval(
+        "INSERT INTO ticket_events (ticket_id, at, actor, agent_id, kind, data)"
+        " VALUES ($1, $2, $3, $4, 'assigned', $5) RETURNING id",
+        ticket_id, now, actor, agent_id, data,
+    )  # fmt: skip
+    return event_id
 
 
 async def _draft_kb_article(

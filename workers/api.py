@@ -161,6 +161,8 @@ class TicketSummary(BaseModel):
     first_response_due: datetime | None
     resolution_due: datetime | None
     overdue: bool
+    assignee_id: int | None = None
+    assignee: str | None = None  # the assigned agent's username
 
 
 class TicketList(BaseModel):
@@ -174,8 +176,9 @@ _SUMMARY_SQL = (
     "SELECT t.id, t.caller_id, c.name AS caller_name, t.subject, t.status, t.tier, t.close_reason,"
     " t.channel, t.created_at, t.updated_at, t.last_activity_at, t.first_response_due, t.resolution_due,"
     " (t.status <> 'closed' AND (t.resolution_due < now()"
-    "   OR (t.first_response_at IS NULL AND t.first_response_due < now()))) AS overdue"
-    " FROM tickets t JOIN callers c ON c.id = t.caller_id"
+    "   OR (t.first_response_at IS NULL AND t.first_response_due < now()))) AS overdue,"
+    " t.assignee_id, ag.username AS assignee"
+    " FROM tickets t JOIN callers c ON c.id = t.caller_id LEFT JOIN agents ag ON ag.id = t.assignee_id"
 )
 
 
@@ -188,10 +191,12 @@ async def list_tickets(
     channel: str | None = None,
     caller_id: int | None = None,
     overdue: bool | None = None,
+    assignee: Annotated[str | None, Query(pattern=r"^(me|none|[0-9]{1,18})$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> TicketList:
-    """The queue: tickets filtered by status, tier, channel, caller, overdue; most urgent first."""
+    """The queue: tickets filtered by status, tier, channel, caller, overdue and assignee
+    (`me`, `none` or an agent id); most urgent first."""
     where, args = [], []
     for column, value in (
         ("t.status", status),
@@ -208,6 +213,11 @@ async def list_tickets(
             " OR (t.first_response_at IS NULL AND t.first_response_due < now())))"
         )
         where.append(condition if overdue else f"NOT {condition}")
+    if assignee == "none":
+        where.append("t.assignee_id IS NULL")
+    elif assignee is not None:
+        args.append(agent.id if assignee == "me" else int(assignee))
+        where.append(f"t.assignee_id = ${len(args)}")
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     async with runtime(request).pool.acquire() as conn:
         total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)

@@ -330,13 +330,14 @@ def queue_filters(params: dict[str, str], role: str) -> dict[str, str]:
         "tier": tier if tier in TIERS else "",
         "channel": params.get("channel", "") if params.get("channel") in CHANNELS else "",
         "overdue": "1" if params.get("overdue") in ("1", "on", "true") else "",
+        "assignee": params.get("assignee", "") if params.get("assignee") in ("me", "none") else "",
         "demo": params.get("demo", "") if params.get("demo") in ("0", "1") else "",
         "q": params.get("q", "").strip()[:200],
     }
 
 
 async def queue_page(
-    conn: asyncpg.Connection, filters: dict[str, str], page: int
+    conn: asyncpg.Connection, filters: dict[str, str], page: int, agent_id: int
 ) -> tuple[int, list[dict[str, Any]]]:
     """One page of the queue, most urgent first: overdue, then the nearest deadline."""
     where: list[str] = []
@@ -356,6 +357,10 @@ async def queue_page(
         where.append(f"t.channel = {arg(filters['channel'])}")
     if filters["overdue"]:
         where.append(_OVERDUE)
+    if filters["assignee"] == "me":
+        where.append(f"t.assignee_id = {arg(agent_id)}")
+    elif filters["assignee"] == "none":
+        where.append("t.assignee_id IS NULL")
     if filters["demo"]:
         where.append(f"t.is_demo = {arg(filters['demo'] == '1')}")
     if filters["q"]:
@@ -375,8 +380,9 @@ async def queue_page(
         f" ORDER BY {order} LIMIT {PAGE_SIZE} OFFSET {arg(page * PAGE_SIZE)})"
         " SELECT p.id, p.caller_id, p.subject, p.status, p.tier, p.channel, p.created_at,"
         " p.last_activity_at, p.next_due, p.overdue, p.is_demo, c.name AS caller_name,"
-        " i.contact, m.snippet"
+        " i.contact, m.snippet, ag.username AS assignee"
         " FROM page p JOIN callers c ON c.id = p.caller_id"
+        " LEFT JOIN agents ag ON ag.id = p.assignee_id"
         " LEFT JOIN LATERAL (SELECT CASE WHEN kind = 'email' THEN value"
         "   ELSE coalesce(display, value) END AS contact FROM identities"
         "   WHERE caller_id = p.caller_id ORDER BY valid DESC, id LIMIT 1) i ON true"
@@ -396,7 +402,7 @@ async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLRespo
     filters = queue_filters(params, agent["role"])
     page = max(page, 0)
     async with _rt(request).pool.acquire() as conn:
-        total, tickets = await queue_page(conn, filters, page)
+        total, tickets = await queue_page(conn, filters, page, agent["id"])
     # The tier is always carried, even empty: "all tiers" chosen must not fall back to the role's default.
     query = {k: v for k, v in filters.items() if v or k == "tier"}
     context = {
@@ -694,13 +700,17 @@ async def _ticket_context(
 ) -> dict[str, Any] | None:
     async with _rt(request).pool.acquire() as conn:
         row = await conn.fetchrow(
-            f"SELECT t.*, {_OVERDUE} AS overdue, c.name AS caller_name, c.organization"
-            " FROM tickets t JOIN callers c ON c.id = t.caller_id WHERE t.id = $1",
+            f"SELECT t.*, {_OVERDUE} AS overdue, c.name AS caller_name, c.organization,"
+            " ag.username AS assignee FROM tickets t JOIN callers c ON c.id = t.caller_id"
+            " LEFT JOIN agents ag ON ag.id = t.assignee_id WHERE t.id = $1",
             ticket_id,
         )
         if row is None:
             return None
         ticket = dict(row)
+        agents_list = await conn.fetch(
+            "SELECT id, username, display_name FROM agents WHERE active ORDER BY username"
+        )
         timeline = await _timeline(conn, ticket)
         identities = await conn.fetch(
             "SELECT kind, value, display FROM identities WHERE caller_id = $1 ORDER BY kind, id",
@@ -719,6 +729,7 @@ async def _ticket_context(
     kb_query = ticket["subject"] if _has_route(request, "/api/kb") else None
     return {
         "ticket": ticket, "timeline": timeline, "identities": [dict(i) for i in identities],
+        "agents": [dict(a) for a in agents_list],
         "reply_channels": choices, "reply_channel": default_channel, "close_reasons": CLOSE_REASONS,
         "kb_url": "/api/kb?" + urllib.parse.urlencode({"q": kb_query}) if kb_query else None,
         "error": None, "draft": "",
@@ -832,6 +843,34 @@ async def ticket_transition(request: Request, ticket_id: int) -> Response:
             )
         except TransitionError as exc:
             return await _ticket_error(request, agent, ticket_id, exc.message, 409)
+    return _redirect(f"/tickets/{ticket_id}")
+
+
+@router.post("/tickets/{ticket_id}/assign", response_class=HTMLResponse)
+async def ticket_assign(request: Request, ticket_id: int) -> Response:
+    """Give the ticket to an agent: `me`, an agent id, or empty for nobody."""
+    agent = await _login_required(request)
+    form = await _form(request)
+    choice = _field(form, "agent_id", 20)
+    t = _translator(request)
+    if choice == "me":
+        assignee: int | None = agent["id"]
+    elif choice.isdigit():
+        assignee = int(choice)
+    elif not choice:
+        assignee = None
+    else:
+        return await _ticket_error(request, agent, ticket_id, t("error.no_agent"), 422)
+    async with _rt(request).pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                await procedure.assign(
+                    conn, ticket_id, assignee, actor=agent["username"], agent_id=agent["id"]
+                )
+        except procedure.TicketNotFound:
+            return await _ticket_error(request, agent, ticket_id, t("error.no_ticket"), 404)
+        except procedure.AgentNotFound:
+            return await _ticket_error(request, agent, ticket_id, t("error.no_agent"), 422)
     return _redirect(f"/tickets/{ticket_id}")
 
 

@@ -372,6 +372,29 @@ async def transition(
         return await load_ticket(conn, ticket_id)
 
 
+class AssigneeIn(BaseModel):
+    agent_id: int | None = Field(description="the agent who takes the ticket; null for nobody")
+
+
+@router.post("/tickets/{ticket_id}/assignee", response_model=TicketDetail, tags=["tickets"])
+async def assign(
+    ticket_id: int, body: AssigneeIn, request: Request, agent: CurrentAgent
+) -> TicketDetail:
+    """Give the ticket to an agent (yourself to take it), or to nobody; recorded as an event."""
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                await procedure.assign(
+                    conn, ticket_id, body.agent_id, actor=agent.username, agent_id=agent.id
+                )
+        except procedure.TicketNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except procedure.AgentNotFound as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return await load_ticket(conn, ticket_id)
+
+
 # --- reports -------------------------------------------------------------------------------
 
 

@@ -20,8 +20,19 @@
   function refreshQueue() {
     const queue = document.getElementById("queue");
     if (!queue || !window.htmx) return;
-    htmx.ajax("GET", queue.dataset.refresh, { target: "#queue", swap: "outerHTML" });
+    const url = queue.dataset.refresh;
+    htmx.ajax("GET", url, { target: "#queue", swap: "outerHTML", headers: { "X-Loket-Refresh": url } });
   }
+
+  // A live refresh answered after the agent changed the filters carries the old filters:
+  // drop it rather than put back the list the agent just left.
+  body.addEventListener("htmx:beforeSwap", function (event) {
+    const config = event.detail.requestConfig;
+    const asked = config && config.headers && config.headers["X-Loket-Refresh"];
+    if (!asked) return;
+    const queue = document.getElementById("queue");
+    if (!queue || queue.dataset.refresh !== asked) event.detail.shouldSwap = false;
+  });
 
   function scheduleRefresh() {
     if (refreshTimer) return;
