@@ -333,23 +333,11 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> None:
     print(json.dumps(result) if args.json else format_text(result))
 
 
-def use_fast_event_loop() -> None:
-    """uvloop for every command where it is installed: the webhook path and the stages spend
-    much of their time in the event loop, and uvloop halves it (p99 of the webhook bench at
-    250 msgs/s went from about 820 ms to about 400 ms on a 2-core machine)."""
-    try:
-        import uvloop
-    except ImportError:  # not built for this platform: the standard loop works the same
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
         setup_logging(settings)
-        use_fast_event_loop()
         if args.command == "up":
             asyncio.run(run_up(settings, args.demo))
         elif args.command == "worker":
