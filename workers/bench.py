@@ -589,7 +589,9 @@ async def locate_missing(
     wanted = {json.dumps(ext).encode(): ext for ext in missing[:50]}
     seen: dict[str, list[str]] = {ext: [] for ext in wanted.values()}
     topics = [bus.RAW, bus.MATCHED, bus.SHUNT]
-    consumer = AIOKafkaConsumer(bootstrap_servers=rt.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=rt.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     lines = [f"{len(missing)} missing, e.g. {', '.join(missing[:5])}"]
     try:
