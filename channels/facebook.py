@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from channels import media
 from channels.social_common import (
     dropped_attachment,
     filename_from_url,
@@ -27,6 +28,9 @@ from channels.types import (
     RawInbound,
     RejectedInput,
     WebhookOutcome,
+    checked_inbound,
+    checked_receipt,
+    plausible_epoch,
 )
 
 CHANNEL = "facebook"
@@ -37,6 +41,8 @@ RATE_LIMIT_CODES = frozenset({4, 17, 32, 613})
 TRANSIENT_CODES = frozenset({1, 2})
 DEFAULT_RATE_LIMIT_WAIT = 60.0
 TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+# Where Messenger serves attachments: scontent.*.fbcdn.net, cdn.fbsbx.com, lookaside.fbsbx.com.
+DEFAULT_MEDIA_HOSTS = ("fbcdn.net", "fbsbx.com", "facebook.com")
 
 
 @dataclass(frozen=True)
@@ -49,17 +55,24 @@ class FacebookAccount:
     verify_token: str = field(repr=False)
     page_token: str = field(repr=False)
     graph_url: str = "https://graph.facebook.com/v19.0"
+    # Hosts attachments are fetched from (`media_hosts`); see channels/media.py for the rules.
+    media_hosts: tuple[media.HostRule, ...] = media.parse_hosts(DEFAULT_MEDIA_HOSTS, "default")
 
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> FacebookAccount:
         """Build from a config table whose secrets are already resolved."""
+        name = str(d["name"])
+        hosts = d.get("media_hosts", DEFAULT_MEDIA_HOSTS)
+        if isinstance(hosts, str) or not isinstance(hosts, list | tuple):
+            raise ValueError(f"channels.facebook {name!r}: media_hosts must be a list of hosts")
         return cls(
-            name=str(d["name"]),
+            name=name,
             page_id=str(d.get("page_id", "")),
             app_secret=str(d["app_secret"]),
             verify_token=str(d["verify_token"]),
             page_token=str(d["page_token"]),
             graph_url=str(d.get("graph_url") or cls.graph_url).rstrip("/"),
+            media_hosts=media.parse_hosts(hosts, f"channels.facebook {name!r}"),
         )
 
 
@@ -76,6 +89,7 @@ async def handle_webhook(
     headers: dict[str, str],
     body: bytes,
     blobs: BlobStore | None = None,
+    max_attachment_bytes: int = media.DEFAULT_MAX_BYTES,
 ) -> WebhookOutcome:
     """Answer the subscription check, or verify and parse a page event batch.
 
@@ -96,18 +110,20 @@ async def handle_webhook(
     if payload.get("object") != "page" or not isinstance(payload.get("entry"), list):
         raise RejectedInput("not a page webhook batch", status=400)
     outcome = WebhookOutcome(body=b"EVENT_RECEIVED")
-    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-        for entry in payload["entry"]:
-            if not isinstance(entry, dict):
-                raise RejectedInput("entry is not an object", status=400)
-            for event in entry.get("messaging") or []:
-                if not isinstance(event, dict):
-                    raise RejectedInput("messaging event is not an object", status=400)
-                try:
-                    await _apply_event(account, event, outcome, http, blobs)
-                except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                    # A field of the wrong type deep in the event: the batch is malformed.
-                    raise RejectedInput(f"malformed messaging event: {exc!r}", status=400) from exc
+    policy = media.MediaPolicy(account.media_hosts, max_attachment_bytes)
+    for entry in payload["entry"]:
+        if not isinstance(entry, dict):
+            raise RejectedInput("entry is not an object", status=400)
+        for event in entry.get("messaging") or []:
+            if not isinstance(event, dict):
+                raise RejectedInput("messaging event is not an object", status=400)
+            try:
+                await _apply_event(account, event, outcome, policy, blobs)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                # A field of the wrong type deep in the event: the batch is malformed.
+                raise RejectedInput(f"malformed messaging event: {exc!r}", status=400) from exc
+    outcome.messages = [checked_inbound(raw) for raw in outcome.messages]
+    outcome.receipts = [checked_receipt(receipt) for receipt in outcome.receipts]
     return outcome
 
 
@@ -115,12 +131,15 @@ async def _apply_event(
     account: FacebookAccount,
     event: dict[str, Any],
     outcome: WebhookOutcome,
-    http: httpx.AsyncClient,
+    policy: media.MediaPolicy,
     blobs: BlobStore | None,
 ) -> None:
     sender = str((event.get("sender") or {}).get("id", ""))
     page = str((event.get("recipient") or {}).get("id", ""))
     timestamp = _seconds(event.get("timestamp"))
+    if timestamp and ("message" in event or "postback" in event):
+        # The time the person wrote: stored, and it opens the reply window, so it must be real.
+        plausible_epoch(timestamp, "messaging event timestamp", given=event.get("timestamp"))
     if "delivery" in event:
         delivery = event["delivery"] or {}
         at = _seconds(delivery.get("watermark")) or timestamp
@@ -179,7 +198,7 @@ async def _apply_event(
         if isinstance(message.get("quick_reply"), dict):
             raw.meta["quick_reply_payload"] = str(message["quick_reply"].get("payload", ""))
         for index, attachment in enumerate(message.get("attachments") or []):
-            ref = await _attachment(attachment, index, http, blobs)
+            ref = await _attachment(attachment, index, policy, blobs)
             if ref is not None:
                 raw.attachments.append(ref)
                 if ref.dropped:
@@ -207,7 +226,7 @@ async def _apply_event(
 
 
 async def _attachment(
-    attachment: Any, index: int, http: httpx.AsyncClient, blobs: BlobStore | None
+    attachment: Any, index: int, policy: media.MediaPolicy, blobs: BlobStore | None
 ) -> AttachmentRef | None:
     if not isinstance(attachment, dict):
         return None
@@ -219,23 +238,17 @@ async def _attachment(
     if blobs is None:
         return dropped_attachment(filename, None, "not downloaded: no blob store configured")
     try:
-        response = await http.get(str(url), follow_redirects=True)
-    except httpx.HTTPError as exc:
-        # Transient: fail the batch so Messenger redelivers it.
-        raise ChannelError(f"attachment download failed: {exc!r}", permanent=False) from exc
-    if response.status_code >= 500:
-        raise ChannelError(
-            f"attachment download failed: HTTP {response.status_code}", permanent=False
-        )
-    if not response.is_success:
-        # CDN links expire; the message is kept and the loss noted.
-        return dropped_attachment(filename, None, f"download failed: HTTP {response.status_code}")
-    return stored_attachment(
-        blobs, response.content, filename, response.headers.get("content-type")
-    )
+        # A transient failure raises ChannelError: the batch fails and Messenger redelivers it.
+        fetched = await media.fetch(str(url), policy)
+    except media.MediaRefused as refused:
+        return dropped_attachment(filename, None, f"not downloaded: {refused.reason}")
+    return stored_attachment(blobs, fetched.data, filename, fetched.content_type)
 
 
 def _seconds(milliseconds: Any) -> float:
+    """Messenger's milliseconds as seconds; 0.0 when absent or not a number."""
+    if isinstance(milliseconds, bool):
+        return 0.0
     try:
         return float(milliseconds) / 1000.0
     except (TypeError, ValueError):

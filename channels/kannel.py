@@ -37,6 +37,10 @@ from channels.types import (
     RawInbound,
     RejectedInput,
     WebhookOutcome,
+    bigint_id,
+    checked_inbound,
+    checked_receipt,
+    plausible_epoch,
 )
 
 # The secret travels inside URLs that Kannel rewrites (%-escapes), so it must need no escaping.
@@ -112,17 +116,22 @@ def _authenticate(
 
 
 def _parse_ts(value: str | None) -> float | None:
-    """Kannel's %T (epoch seconds) or %t (`YYYY-MM-DD HH:MM:SS`, UTC)."""
+    """Kannel's %T (epoch seconds) or %t (`YYYY-MM-DD HH:MM:SS`, UTC); None when unreadable.
+
+    A readable time outside the plausible window (before 2000, or far ahead) is refused:
+    it would be stored as the message's time and could never be.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return plausible_epoch(float(value), "Kannel ts", given=value)
     for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
         try:
-            return float(calendar.timegm(time.strptime(value, fmt)))
+            parsed = float(calendar.timegm(time.strptime(value, fmt)))
         except ValueError:
             continue
+        return plausible_epoch(parsed, "Kannel ts", given=repr(value))
     return None
 
 
@@ -183,7 +192,7 @@ def handle_webhook(
         meta=meta,
         problems=problems,
     )
-    return WebhookOutcome(status=200, messages=[raw])
+    return WebhookOutcome(status=200, messages=[checked_inbound(raw)])
 
 
 def handle_dlr(account: KannelAccount, params: Mapping[str, str]) -> WebhookOutcome:
@@ -191,12 +200,14 @@ def handle_dlr(account: KannelAccount, params: Mapping[str, str]) -> WebhookOutc
 
     Only final reports (delivered, failed, SMSC reject) produce a receipt.
     Authentication is `handle_webhook`'s job; call this only with checked params.
+    `ref` is the message id `build_dlr_url` put there; it is parsed back as strictly as
+    it was written, since it selects a row by a bigint key.
     """
-    try:
-        dlr_type = int(params.get("type", ""))
-        ref = int(params.get("ref", ""))
-    except ValueError:
-        raise RejectedInput("DLR call needs numeric `type` and `ref`", status=400) from None
+    type_text = params.get("type", "")
+    if not (type_text.isascii() and type_text.isdigit() and len(type_text) <= 4):
+        raise RejectedInput("DLR call needs a numeric `type` (Kannel's %d)", status=400)
+    dlr_type = int(type_text)
+    ref = bigint_id(params.get("ref", ""), "DLR `ref`")
     if dlr_type & DLR_DELIVERED:
         status, reason = "delivered", None
     elif dlr_type & (DLR_FAILED | DLR_SMSC_REJECT):
@@ -208,7 +219,7 @@ def handle_dlr(account: KannelAccount, params: Mapping[str, str]) -> WebhookOutc
     receipt = DeliveryReceipt(
         channel="sms", account=account.name, message_id=ref, status=status, reason=reason
     )
-    return WebhookOutcome(status=200, receipts=[receipt])
+    return WebhookOutcome(status=200, receipts=[checked_receipt(receipt)])
 
 
 def build_dlr_url(account: KannelAccount, dlr_url: str, message_id: int) -> str:

@@ -9,6 +9,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from telegram import Message, Update
 from telegram.error import (
     BadRequest,
@@ -22,6 +23,7 @@ from telegram.error import (
 )
 from telegram.ext import AIORateLimiter, ExtBot
 
+from channels import media
 from channels.social_common import (
     dropped_attachment,
     json_object,
@@ -37,6 +39,8 @@ from channels.types import (
     RawInbound,
     RejectedInput,
     WebhookOutcome,
+    checked_inbound,
+    epoch_problem,
 )
 
 CHANNEL = "telegram"
@@ -61,6 +65,14 @@ class TelegramAccount:
             secret_token=str(d.get("secret_token") or ""),
             api_url=str(d.get("api_url") or cls.api_url).rstrip("/"),
         )
+
+    def file_policy(self, max_bytes: int) -> media.MediaPolicy:
+        """Files come from the Bot API server itself (`api_url`), no larger than `max_bytes`."""
+        url = httpx.URL(self.api_url)
+        port = url.port or media.DEFAULT_PORTS.get(url.scheme, 443)
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        rules = media.parse_hosts([f"{host}:{port}"], f"channels.telegram {self.name!r}")
+        return media.MediaPolicy(rules, min(max_bytes, MAX_DOWNLOAD))
 
 
 # One bot per account and event loop: its HTTP pool belongs to the loop, and its rate
@@ -104,6 +116,7 @@ async def handle_webhook(
     headers: dict[str, str],
     body: bytes,
     blobs: BlobStore | None = None,
+    max_attachment_bytes: int = media.DEFAULT_MAX_BYTES,
 ) -> WebhookOutcome:
     """Check the secret token header and turn one Update into RawInbound messages.
 
@@ -118,18 +131,24 @@ async def handle_webhook(
     if not same_secret(account.secret_token, given):
         raise RejectedInput("X-Telegram-Bot-Api-Secret-Token does not match", status=403)
     payload = json_object(body)
-    if not isinstance(payload.get("update_id"), int):
+    update_id = payload.get("update_id")
+    if not isinstance(update_id, int) or isinstance(update_id, bool):
         raise RejectedInput("not a Telegram Update: update_id missing", status=400)
     try:
         update = Update.de_json(payload, None)
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError, OSError) as exc:
+        # OverflowError and OSError: a date the platform's time_t cannot hold.
         raise RejectedInput(f"not a Telegram Update: {exc!r}", status=400) from exc
-    raw = await _raw_from_update(account, update, blobs)
-    return WebhookOutcome(messages=[raw] if raw is not None else [])
+    raw = await _raw_from_update(account, update, blobs, max_attachment_bytes, strict=True)
+    return WebhookOutcome(messages=[checked_inbound(raw)] if raw is not None else [])
 
 
 async def poll(
-    account: TelegramAccount, cursor: str | None, blobs: BlobStore | None = None
+    account: TelegramAccount,
+    cursor: str | None,
+    blobs: BlobStore | None = None,
+    *,
+    max_attachment_bytes: int = media.DEFAULT_MAX_BYTES,
 ) -> tuple[list[RawInbound], str | None]:
     """Fetch Updates after `cursor` (the last update_id handled); return them and the new cursor.
 
@@ -147,7 +166,7 @@ async def poll(
     messages: list[RawInbound] = []
     last = int(cursor) if cursor else None
     for update in updates:
-        raw = await _raw_from_update(account, update, blobs)
+        raw = await _raw_from_update(account, update, blobs, max_attachment_bytes, strict=False)
         if raw is not None:
             messages.append(raw)
         last = update.update_id if last is None else max(last, update.update_id)
@@ -155,11 +174,36 @@ async def poll(
 
 
 async def _raw_from_update(
-    account: TelegramAccount, update: Update, blobs: BlobStore | None
+    account: TelegramAccount,
+    update: Update,
+    blobs: BlobStore | None,
+    max_attachment_bytes: int,
+    *,
+    strict: bool,
 ) -> RawInbound | None:
+    """The Update as a RawInbound; a message time outside the plausible window is refused
+    (`strict`, a webhook: Telegram is told 400) or replaced by the receive time (a poll,
+    which has nobody to refuse to and must not stall on one Update)."""
     message = update.message or update.edited_message or update.business_message
     if message is None:
         return None  # callback queries, polls, member changes: nothing for a ticket
+    now = time.time()
+    problems: list[str] = []
+    received_at = message.date.timestamp() if message.date else now
+    for what, moment in (("date", message.date), ("edit_date", message.edit_date)):
+        if moment is None:
+            continue
+        seconds = moment.timestamp()
+        problem = epoch_problem(seconds, now=now)
+        if problem is None:
+            continue
+        if strict:
+            raise RejectedInput(
+                f"message {what} {int(seconds)} is not a plausible time: {problem}", status=400
+            )
+        if what == "date":
+            problems.append(f"message date {int(seconds)} {problem}: receive time used")
+            received_at = now
     user = message.from_user
     sender = str(user.id) if user else str(message.chat.id)
     external_id = f"{message.chat.id}:{message.message_id}"
@@ -173,7 +217,7 @@ async def _raw_from_update(
         external_id=external_id,
         sender=sender,
         sender_name=user.full_name if user else message.chat.title,
-        received_at=message.date.timestamp() if message.date else time.time(),
+        received_at=received_at,
         body_text=message.text or message.caption or "",
         meta={
             "chat_id": str(message.chat.id),
@@ -181,6 +225,7 @@ async def _raw_from_update(
             "message_id": str(message.message_id),
             "update_id": str(update.update_id),
         },
+        problems=problems,
     )
     if user and user.username:
         raw.meta["username"] = user.username
@@ -200,7 +245,7 @@ async def _raw_from_update(
             raw.body_text = f"Contact: {name} {contact.phone_number}".strip()
     if message.location is not None and not raw.body_text:
         raw.body_text = f"Location: {message.location.latitude},{message.location.longitude}"
-    for ref in await _attachments(account, message, blobs):
+    for ref in await _attachments(account, message, blobs, max_attachment_bytes):
         raw.attachments.append(ref)
         if ref.dropped:
             raw.problems.append(f"attachment {ref.filename}: {ref.dropped}")
@@ -208,7 +253,7 @@ async def _raw_from_update(
 
 
 async def _attachments(
-    account: TelegramAccount, message: Message, blobs: BlobStore | None
+    account: TelegramAccount, message: Message, blobs: BlobStore | None, max_attachment_bytes: int
 ) -> list[AttachmentRef]:
     files: list[tuple[str, str, str, int | None]] = []  # file_id, filename, content type, size
     if message.photo:
@@ -260,6 +305,7 @@ async def _attachments(
         note = message.video_note
         files.append((note.file_id, f"{note.file_unique_id}.mp4", "video/mp4", note.file_size))
     refs: list[AttachmentRef] = []
+    policy = account.file_policy(max_attachment_bytes)
     for file_id, filename, content_type, size in files:
         if blobs is None:
             refs.append(
@@ -270,17 +316,18 @@ async def _attachments(
                 )
             )
             continue
-        if size is not None and size > MAX_DOWNLOAD:
+        if size is not None and size > policy.max_bytes:
             refs.append(
                 dropped_attachment(
-                    filename, content_type or None, f"too large to download ({size} bytes)"
+                    filename,
+                    content_type or None,
+                    f"too large: {size} bytes > limit {policy.max_bytes}",
                 )
             )
             continue
         try:
             bot = await bot_for(account)
             telegram_file = await bot.get_file(file_id)
-            data = bytes(await telegram_file.download_as_bytearray())
         except (BadRequest, Forbidden, InvalidToken) as exc:
             # The file is gone or refused for good: keep the message, note the loss.
             refs.append(
@@ -290,7 +337,19 @@ async def _attachments(
         except TelegramError as exc:
             # Transient: fail the whole Update so Telegram redelivers it (or the poll repeats).
             raise _channel_error(exc) from exc
-        refs.append(stored_attachment(blobs, data, filename, content_type or None))
+        try:
+            # Through the media fetcher, not PTB's download: it caps the size while reading,
+            # and PTB would read a `file_path` naming a local file straight from our disk.
+            # A transient failure raises ChannelError, as above.
+            fetched = await media.fetch(str(telegram_file.file_path or ""), policy)
+        except media.MediaRefused as refused:
+            refs.append(
+                dropped_attachment(
+                    filename, content_type or None, f"not downloaded: {refused.reason}"
+                )
+            )
+            continue
+        refs.append(stored_attachment(blobs, fetched.data, filename, content_type or None))
     return refs
 
 

@@ -20,9 +20,13 @@ from channels.types import (
     RawInbound,
     RejectedInput,
     WebhookOutcome,
+    bigint_id,
+    checked_inbound,
+    checked_receipt,
 )
 
 EMPTY_TWIML = b'<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+MAX_MEDIA = 10  # Twilio attaches at most ten media items to one message
 
 # MessageStatus values that are final; the interim ones (queued, sending, sent, accepted)
 # yield no receipt so a late interim callback never moves a message backwards.
@@ -129,16 +133,17 @@ def _status_callback(account: TwilioAccount, fields: Mapping[str, str]) -> Webho
     if status == "failed":
         code = fields.get("ErrorCode", "")
         reason = f"Twilio {fields['MessageStatus']}" + (f", error {code}" if code else "")
+    # `ref` is the message id `send` put in the callback URL; parsed back as strictly.
     ref = fields.get("ref", "")
     receipt = DeliveryReceipt(
         channel="sms",
         account=account.name,
         provider_id=fields.get("MessageSid") or fields.get("SmsSid"),
-        message_id=int(ref) if ref.isdigit() else None,
+        message_id=bigint_id(ref, "status callback `ref`") if ref else None,
         status=status,
         reason=reason,
     )
-    return WebhookOutcome(status=200, receipts=[receipt])
+    return WebhookOutcome(status=200, receipts=[checked_receipt(receipt)])
 
 
 def _incoming_message(account: TwilioAccount, fields: Mapping[str, str]) -> WebhookOutcome:
@@ -150,7 +155,10 @@ def _incoming_message(account: TwilioAccount, fields: Mapping[str, str]) -> Webh
     if fields.get("To"):
         meta["to"] = fields["To"]
     problems = []
-    media_count = int(fields.get("NumMedia", "0") or 0)
+    media_text = fields.get("NumMedia", "") or "0"
+    if not (media_text.isascii() and media_text.isdigit() and int(media_text) <= MAX_MEDIA):
+        raise RejectedInput(f"NumMedia must be a number from 0 to {MAX_MEDIA}", status=400)
+    media_count = int(media_text)
     if media_count:
         urls = [fields[f"MediaUrl{i}"] for i in range(media_count) if fields.get(f"MediaUrl{i}")]
         meta["media_urls"] = " ".join(urls)
@@ -165,7 +173,9 @@ def _incoming_message(account: TwilioAccount, fields: Mapping[str, str]) -> Webh
         problems=problems,
     )
     # Empty TwiML: Twilio sends nothing back to the person.
-    return WebhookOutcome(status=200, body=EMPTY_TWIML, content_type="text/xml", messages=[raw])
+    return WebhookOutcome(
+        status=200, body=EMPTY_TWIML, content_type="text/xml", messages=[checked_inbound(raw)]
+    )
 
 
 def _retry_after(response: httpx.Response) -> float | None:

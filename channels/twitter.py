@@ -26,6 +26,9 @@ from channels.types import (
     RawInbound,
     RejectedInput,
     WebhookOutcome,
+    checked_inbound,
+    epoch_problem,
+    plausible_epoch,
 )
 
 CHANNEL = "twitter"
@@ -124,6 +127,7 @@ async def handle_webhook(
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         # A field of the wrong type deep in an event: the batch is malformed.
         raise RejectedInput(f"malformed Account Activity event: {exc!r}", status=400) from exc
+    outcome.messages = [checked_inbound(raw) for raw in outcome.messages]
     return outcome
 
 
@@ -153,7 +157,7 @@ def _raw_from_activity_dm(
         external_id=str(event["id"]),
         sender=sender,
         sender_name=user.get("name"),
-        received_at=_millis(event.get("created_timestamp")),
+        received_at=_millis(event.get("created_timestamp"), "created_timestamp"),
         body_text=str(data.get("text") or ""),
         meta={"kind": "dm", "dm_event_id": str(event["id"])},
     )
@@ -184,7 +188,7 @@ def _raw_from_activity_tweet(
         external_id=tweet_id,
         sender=author,
         sender_name=user.get("name"),
-        received_at=_millis(tweet.get("timestamp_ms")),
+        received_at=_millis(tweet.get("timestamp_ms"), "timestamp_ms"),
         body_text=str(extended.get("full_text") or tweet.get("text") or ""),
         meta={"kind": "mention", "tweet_id": tweet_id},
     )
@@ -205,20 +209,40 @@ def _media_not_fetched(url: str, fallback: str) -> AttachmentRef:
     )
 
 
-def _millis(value: Any) -> float:
-    try:
-        return float(value) / 1000.0
-    except (TypeError, ValueError):
-        return time.time()
+def _millis(value: Any, what: str) -> float:
+    """An Account Activity time in milliseconds (number or digit string) as seconds.
 
-
-def _iso(value: Any) -> float:
-    if not isinstance(value, str):
+    Absent, it is the receive time; present, it must be a plausible time, else RejectedInput.
+    """
+    if value is None or value == "":
         return time.time()
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RejectedInput(f"{what} is not a number", status=400)
     try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        seconds = float(value) / 1000.0
     except ValueError:
-        return time.time()
+        raise RejectedInput(f"{what} {str(value)[:30]!r} is not a number", status=400) from None
+    return plausible_epoch(seconds, what, given=value)
+
+
+def _iso(value: Any, problems: list[str]) -> float:
+    """A polled `created_at` as seconds; when missing or implausible, the receive time, noted.
+
+    A poll has nobody to refuse a bad value to, and must not stall on one event.
+    """
+    now = time.time()
+    if not isinstance(value, str):
+        return now
+    try:
+        seconds = dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        problems.append(f"unreadable created_at {value[:40]!r}: receive time used")
+        return now
+    problem = epoch_problem(seconds, now=now)
+    if problem is not None:
+        problems.append(f"created_at {value[:40]!r} {problem}: receive time used")
+        return now
+    return seconds
 
 
 class _RewritingSession:
@@ -313,11 +337,17 @@ def _cursor(cursor: str | None) -> dict[str, str]:
 
 
 async def poll(
-    account: TwitterAccount, cursor: str | None, blobs: BlobStore | None = None
+    account: TwitterAccount,
+    cursor: str | None,
+    blobs: BlobStore | None = None,
+    *,
+    max_attachment_bytes: int | None = None,
 ) -> tuple[list[RawInbound], str | None]:
     """Fetch DMs and mentions newer than `cursor`; return them (oldest first) and the new cursor.
 
     The cursor holds the newest DM event id and the newest mention id seen.
+    `max_attachment_bytes` is taken as every poll takes it; X DM media need a signed
+    download and are noted, never fetched, so no cap applies yet.
     """
     seen = _cursor(cursor)
     async with _client(account) as client:
@@ -368,15 +398,17 @@ async def _poll_dms(
             if event.get("event_type", "MessageCreate") != "MessageCreate" or sender in ("", me):
                 continue
             user = names.get(sender, {})
+            problems: list[str] = []
             raw = RawInbound(
                 channel=CHANNEL,
                 account=account.name,
                 external_id=event_id,
                 sender=sender,
                 sender_name=user.get("name"),
-                received_at=_iso(event.get("created_at")),
+                received_at=_iso(event.get("created_at"), problems),
                 body_text=str(event.get("text") or ""),
                 meta={"kind": "dm", "dm_event_id": event_id},
+                problems=problems,
             )
             if event.get("dm_conversation_id"):
                 raw.meta["dm_conversation_id"] = str(event["dm_conversation_id"])
@@ -420,15 +452,17 @@ async def _poll_mentions(
             if author in ("", me):
                 continue
             user = names.get(author, {})
+            problems: list[str] = []
             raw = RawInbound(
                 channel=CHANNEL,
                 account=account.name,
                 external_id=tweet_id,
                 sender=author,
                 sender_name=user.get("name"),
-                received_at=_iso(tweet.get("created_at")),
+                received_at=_iso(tweet.get("created_at"), problems),
                 body_text=str(tweet.get("text") or ""),
                 meta={"kind": "mention", "tweet_id": tweet_id},
+                problems=problems,
             )
             if user.get("username"):
                 raw.meta["username"] = str(user["username"])

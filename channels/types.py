@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Literal, Protocol
@@ -197,6 +198,121 @@ class RejectedInput(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+# --- Values the pipeline can store: checked at the edge, so no stage ever has to shunt them ----
+
+EARLIEST_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z: no channel we speak dates from before
+# Provider clocks (and SMSCs that report local time as UTC) may run some hours ahead of ours.
+FUTURE_SLACK_SECONDS = 24 * 3600.0
+BIGINT_MAX = 2**63 - 1  # PostgreSQL bigint, the type of every id column
+# (channel, account, external_id) and an identity's (kind, value) are unique btree keys, and
+# a btree entry holds at most about 2,700 bytes: these bounds keep a key well inside that.
+MAX_EXTERNAL_ID_CHARS = 512
+MAX_SENDER_CHARS = 256
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def epoch_problem(seconds: float, *, now: float | None = None) -> str | None:
+    """Why `seconds` is not a plausible message time (2000 to a day from now), or None."""
+    if not math.isfinite(seconds):
+        return "not a finite number"
+    if seconds < EARLIEST_EPOCH:
+        return "before 2000"
+    current = time.time() if now is None else now
+    if seconds > current + FUTURE_SLACK_SECONDS:
+        return "more than a day in the future"
+    return None
+
+
+def plausible_epoch(
+    seconds: float, what: str, *, given: object = None, now: float | None = None
+) -> float:
+    """`seconds` when it is a plausible message time, else RejectedInput (400) naming `what`.
+
+    `given` is the value as the provider wrote it (milliseconds, text), for the reason.
+    """
+    problem = epoch_problem(seconds, now=now)
+    if problem is not None:
+        shown = str(seconds if given is None else given)[:40]
+        raise RejectedInput(f"{what} {shown} is not a plausible time: {problem}", status=400)
+    return seconds
+
+
+def bigint_id(text: str, what: str) -> int:
+    """A positive id written in ASCII digits that fits a bigint column, else RejectedInput (400).
+
+    `int()` alone would also take "+5", " 5", "5_0" and non-ASCII digits such as "٥".
+    """
+    if not text or len(text) > 19 or not _ASCII_DIGITS.issuperset(text):
+        raise RejectedInput(f"{what} must be a positive integer of at most 19 digits", status=400)
+    value = int(text)
+    if not 0 < value <= BIGINT_MAX:
+        raise RejectedInput(f"{what} {text} is out of range (1 to {BIGINT_MAX})", status=400)
+    return value
+
+
+def _without_nul(values: dict[str, str]) -> tuple[dict[str, str], bool]:
+    if not any("\x00" in k or "\x00" in v for k, v in values.items()):
+        return values, False
+    return {k.replace("\x00", ""): v.replace("\x00", "") for k, v in values.items()}, True
+
+
+def checked_inbound(raw: RawInbound, *, now: float | None = None) -> RawInbound:
+    """Refuse (RejectedInput, 400) a message whose key or time can never be stored.
+
+    NUL characters, which PostgreSQL text and jsonb cannot hold, are removed from the
+    meta and header values (the normalizer does the same for the text fields) and noted.
+    """
+    if not raw.external_id or len(raw.external_id) > MAX_EXTERNAL_ID_CHARS:
+        raise RejectedInput(
+            f"message id must be 1 to {MAX_EXTERNAL_ID_CHARS} characters", status=400
+        )
+    if "\x00" in raw.external_id:
+        raise RejectedInput("message id contains a NUL character", status=400)
+    if len(raw.sender) > MAX_SENDER_CHARS:
+        raise RejectedInput(f"sender is longer than {MAX_SENDER_CHARS} characters", status=400)
+    plausible_epoch(raw.received_at, "message time", now=now)
+    raw.meta, meta_changed = _without_nul(raw.meta)
+    raw.headers, headers_changed = _without_nul(raw.headers)
+    attachments_changed = False
+    for index, ref in enumerate(raw.attachments):
+        fields = {
+            "filename": ref.filename,
+            "content_type": ref.content_type,
+            "dropped": ref.dropped or "",
+        }
+        cleaned, changed = _without_nul(fields)
+        if changed:
+            raw.attachments[index] = msgspec.structs.replace(
+                ref, filename=cleaned["filename"], content_type=cleaned["content_type"],
+                dropped=cleaned["dropped"] or None,
+            )  # fmt: skip
+            attachments_changed = True
+    raw.problems = [problem.replace("\x00", "") for problem in raw.problems]
+    if meta_changed or headers_changed or attachments_changed:
+        raw.problems.append("NUL characters removed from provider fields")
+    return raw
+
+
+def checked_receipt(receipt: DeliveryReceipt, *, now: float | None = None) -> DeliveryReceipt:
+    """Refuse a receipt whose ids cannot be looked up; an implausible `at` becomes `now`.
+
+    `at` is informational (no decision reads it), so a wrong one costs nothing worth a
+    refusal that would make the provider retry; the receipt itself is worth keeping.
+    """
+    if receipt.message_id is not None and not 0 < receipt.message_id <= BIGINT_MAX:
+        raise RejectedInput(f"message reference {receipt.message_id} is out of range", status=400)
+    if receipt.provider_id is not None and (
+        len(receipt.provider_id) > MAX_EXTERNAL_ID_CHARS or "\x00" in receipt.provider_id
+    ):
+        raise RejectedInput("provider message id is too long or contains NUL", status=400)
+    current = time.time() if now is None else now
+    if epoch_problem(receipt.at, now=current) is not None:
+        receipt.at = current
+    if receipt.reason is not None and "\x00" in receipt.reason:
+        receipt.reason = receipt.reason.replace("\x00", "")
+    return receipt
 
 
 encoder = msgspec.json.Encoder()

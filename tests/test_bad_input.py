@@ -336,7 +336,7 @@ def fb_signature(body: bytes, secret: str = FB_SECRET) -> str:
 
 def fb_event(mid: str, sender: str, text: str) -> bytes:
     return json.dumps({"object": "page", "entry": [{"id": "1234567890", "time": 1, "messaging": [{
-        "sender": {"id": sender}, "recipient": {"id": "1234567890"}, "timestamp": 1,
+        "sender": {"id": sender}, "recipient": {"id": "1234567890"}, "timestamp": int(time.time() * 1000),
         "message": {"mid": mid, "text": text}}]}]}).encode()  # fmt: skip
 
 

@@ -39,6 +39,8 @@ def account(graph: GraphServer) -> facebook.FacebookAccount:
             "verify_token": "verify-me",
             "page_token": "page-token-xyz",
             "graph_url": f"{graph.url}/v19.0",
+            # The local Graph server doubles as the CDN; loopback hosts must be listed exactly.
+            "media_hosts": [f"127.0.0.1:{graph.port}"],
         }
     )
 

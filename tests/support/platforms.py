@@ -109,12 +109,17 @@ class GraphServer(PlatformServer):
 
     page_token: str = "page-token"
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)  # /cdn-redirect/{name} -> Location
+    streams: dict[str, int] = field(default_factory=dict)  # /cdn-stream/{name} -> size, chunked
+    streamed: dict[str, int] = field(default_factory=dict)  # bytes sent before the client left
     permanent_code: int = 100
     _next_mid: int = 1
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/{version}/{node}/messages", self._send)
         app.router.add_get("/cdn/{name}", self._cdn)
+        app.router.add_get("/cdn-redirect/{name}", self._cdn_redirect)
+        app.router.add_get("/cdn-stream/{name}", self._cdn_stream)
 
     def _token(self, request: web.Request) -> str:
         auth = request.headers.get("Authorization", "")
@@ -138,6 +143,26 @@ class GraphServer(PlatformServer):
             return web.Response(status=404)
         data, content_type = self.files[name]
         return web.Response(body=data, content_type=content_type)
+
+    async def _cdn_redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": self.redirects[request.match_info["name"]]})
+
+    async def _cdn_stream(self, request: web.Request) -> web.StreamResponse:
+        """`streams[name]` bytes without a Content-Length, counting what was sent."""
+        name = request.match_info["name"]
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b"\0" * (256 * 1024)
+        self.streamed[name] = 0
+        try:
+            while self.streamed[name] < self.streams[name]:
+                await response.write(chunk)
+                self.streamed[name] += len(chunk)
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client stopped reading: what was sent so far is the measure
+        return response
 
     @staticmethod
     def _error(

@@ -1,0 +1,306 @@
+"""Fetching media from provider URLs: only from the platform's hosts, every redirect re-checked, size capped while reading."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import httpx
+
+from channels.types import ChannelError
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # LOKET_MAX_ATTACHMENT_BYTES' default
+MAX_REDIRECTS = 5
+TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+# A server that trickles bytes keeps every read under TIMEOUT; this bounds the whole download.
+TOTAL_SECONDS = 60.0
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+class MediaRefused(Exception):
+    """The media will not be fetched, now or later: the attachment is dropped with `reason`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One `media_hosts` entry: a host name (it and its subdomains) or an exact host[:port]."""
+
+    host: str  # lower case, without brackets or a trailing dot
+    port: int | None = None
+
+    @property
+    def is_address(self) -> bool:
+        return _address(self.host) is not None
+
+
+def parse_hosts(entries: Iterable[Any], where: str) -> tuple[HostRule, ...]:
+    """Read `media_hosts` entries such as "fbcdn.net", "127.0.0.1:8443", "[::1]:9000".
+
+    Raises ValueError naming `where` for an entry that is not a host, so a typo fails at
+    start-up instead of silently dropping every attachment.
+    """
+    rules = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"{where}: media_hosts entries must be non-empty strings")
+        text = entry.strip().lower()
+        try:
+            url = httpx.URL(f"http://{text}/")
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"{where}: media_hosts entry {entry!r} is not a host: {exc}") from exc
+        host = url.host.rstrip(".")
+        if url.userinfo or not (_address(host) is not None or _HOST_NAME.fullmatch(host)):
+            raise ValueError(f"{where}: media_hosts entry {entry!r} is not a host[:port]")
+        rules.append(HostRule(host=host, port=url.port))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Where media may come from and how large it may be."""
+
+    hosts: tuple[HostRule, ...]
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def _address(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def listed_exactly(host: str, port: int, hosts: Iterable[HostRule]) -> bool:
+    """Whether an entry names exactly this host (and this port, if the entry gives one)."""
+    host = host.lower().rstrip(".")
+    return any(rule.host == host and rule.port in (None, port) for rule in hosts)
+
+
+def url_problem(url: httpx.URL, hosts: Iterable[HostRule]) -> str | None:
+    """Why `url` may not be fetched under `hosts`, or None when it may (addresses are checked later).
+
+    A host matches an entry exactly, or is a subdomain of a name entry; a subdomain match
+    must use https, so media from the platform's CDN cannot be swapped on the way.
+    """
+    scheme = url.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        return f"scheme {scheme or '(none)'!r} is not http or https"
+    host = url.host.lower().rstrip(".")
+    if not host:
+        return "the URL has no host"
+    port = url.port or DEFAULT_PORTS[scheme]
+    hosts = tuple(hosts)
+    if listed_exactly(host, port, hosts):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    shown += f":{url.port}" if url.port else ""
+    under = [
+        rule
+        for rule in hosts
+        if rule.port is None and not rule.is_address and host.endswith("." + rule.host)
+    ]
+    if not under:
+        return f"host {shown} is not one of the platform's media hosts"
+    if scheme != "https":
+        return f"host {shown} must be fetched over https"
+    return None
+
+
+def address_problem(address: Address) -> str | None:
+    """Why a resolved address is no place to fetch media from, or None for a public one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return f"{address} is a loopback address"
+    if address.is_link_local:
+        return f"{address} is a link-local address"
+    if address.is_private:
+        return f"{address} is a private address"
+    # 224.0.0.0/4 counts as global to `ipaddress`; it is still nowhere to fetch from.
+    if address.is_multicast or address.is_unspecified or address.is_reserved:
+        return f"{address} is not a unicast address"
+    if not address.is_global:
+        return f"{address} is not a public address"
+    return None
+
+
+async def vetted_address(host: str, port: int, hosts: tuple[HostRule, ...]) -> str:
+    """The address to connect to for `host`: resolved once and checked, so what is checked is what is used.
+
+    An exactly listed host is taken as the operator wrote it (a local test platform, an
+    internal mirror); any other host must resolve to public addresses only.
+    """
+    if listed_exactly(host, port, hosts):
+        return host
+    literal = _address(host)
+    if literal is not None:
+        problem = address_problem(literal)
+        if problem:
+            raise MediaRefused(f"host {host}: {problem}")
+        return host
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for address in addresses:
+        problem = address_problem(address)
+        if problem:
+            raise MediaRefused(f"host {host} resolves to {address}, and {problem}")
+    if not addresses:
+        raise httpcore.ConnectError(f"{host} has no address")
+    return str(addresses[0])
+
+
+class _VettedBackend(httpcore.AsyncNetworkBackend):
+    """Connects only to vetted addresses; the pool calls it for every new connection."""
+
+    def __init__(self, hosts: tuple[HostRule, ...]):
+        self._hosts = hosts
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        address = await vetted_address(host, port, self._hosts)
+        # TLS still verifies the certificate against the URL's host name (httpcore passes it
+        # as server_hostname), so connecting by address changes nothing there.
+        return await self._inner.connect_tcp(
+            address,
+            port,
+            timeout=timeout,
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise MediaRefused("media is never fetched over a unix socket")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _VettedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with a connection pool that connects through `_VettedBackend`."""
+
+    def __init__(self, hosts: tuple[HostRule, ...]):
+        super().__init__(trust_env=False)
+        # httpx takes no network backend, its pool does: a proxy from the environment would
+        # make the address checks meaningless, so neither proxies nor env settings apply.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=4,
+            keepalive_expiry=5.0,
+            network_backend=_VettedBackend(hosts),
+        )
+
+
+@dataclass(frozen=True)
+class Media:
+    """Downloaded bytes and the type the server gave them."""
+
+    data: bytes
+    content_type: str | None
+
+
+async def fetch(url: str, policy: MediaPolicy) -> Media:
+    """GET `url` under `policy`, following at most MAX_REDIRECTS redirects, each checked anew.
+
+    Raises MediaRefused when the media is not to be had (host not allowed, too large,
+    HTTP 4xx) and ChannelError (not permanent) when trying again later can help.
+    """
+    try:
+        start = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise MediaRefused(f"not a usable URL: {exc}") from exc
+    host = start.host or "?"
+    async with httpx.AsyncClient(
+        transport=_VettedTransport(policy.hosts), timeout=TIMEOUT, trust_env=False
+    ) as client:
+        try:
+            async with asyncio.timeout(TOTAL_SECONDS):
+                return await _follow(client, start, policy)
+        except TimeoutError:
+            raise ChannelError(
+                f"download from {host} took longer than {TOTAL_SECONDS:.0f}s", permanent=False
+            ) from None
+        except httpx.HTTPError as exc:
+            # The URL may carry a token (Telegram) or a signature (CDNs): name the host only.
+            raise ChannelError(
+                f"download from {host} failed: {type(exc).__name__}", permanent=False
+            ) from None
+
+
+async def _follow(client: httpx.AsyncClient, url: httpx.URL, policy: MediaPolicy) -> Media:
+    for hop in range(MAX_REDIRECTS + 1):
+        problem = url_problem(url, policy.hosts)
+        if problem:
+            raise MediaRefused(problem if hop == 0 else f"redirected: {problem}")
+        # Identity only: a compressed answer could inflate far past the cap in one chunk.
+        request = client.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            status = response.status_code
+            if status in REDIRECT_STATUSES:
+                location = response.headers.get("location")
+                if not location:
+                    raise MediaRefused(f"HTTP {status} redirect without a Location")
+                try:
+                    url = url.join(location)
+                except httpx.InvalidURL as exc:
+                    raise MediaRefused(f"redirected to an unusable URL: {exc}") from exc
+                continue
+            if status >= 500 or status == 429:
+                raise ChannelError(f"download failed: HTTP {status}", permanent=False)
+            if not response.is_success:
+                # CDN links expire; the message is kept and the loss noted.
+                raise MediaRefused(f"download failed: HTTP {status}")
+            return Media(
+                await _read_capped(response, policy.max_bytes), response.headers.get("content-type")
+            )
+        finally:
+            await response.aclose()
+    raise MediaRefused(f"more than {MAX_REDIRECTS} redirects")
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise MediaRefused(f"answered with Content-Encoding {encoding} although identity was asked")
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+        raise MediaRefused(f"too large: {int(declared)} bytes > limit {max_bytes}")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received > max_bytes:
+            # Stop reading: closing the response drops the rest unread.
+            raise MediaRefused(f"too large: over the limit of {max_bytes} bytes, stopped reading")
+        chunks.append(chunk)
+    return b"".join(chunks)
