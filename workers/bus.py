@@ -8,17 +8,23 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
+    CorruptRecordException,
     IllegalStateError,
-    KafkaConnectionError,
+    InvalidTopicError,
     KafkaError,
+    MessageSizeTooLargeError,
     RebalanceInProgressError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     TopicAlreadyExistsError,
+    UnsupportedForMessageFormatError,
 )
 from aiokafka.structs import ConsumerRecord
 
@@ -38,6 +44,20 @@ SHUNT = "loket.shunt"
 
 # How long the broker may hold a fetch that finds nothing new (the latency of an idle hop).
 FETCH_MAX_WAIT_MS = 50
+# The largest record loket writes: Kafka's default limit (message.max.bytes, about 1 MiB).
+MAX_RECORD_BYTES = 1024 * 1024
+# A shunt record carries the failed record's payload; past this size the payload is cut.
+MAX_SHUNT_BYTES = 900 * 1024
+# Producer errors that say a record can never be written, whatever the broker's state: the
+# record that produced it is shunted at once, never waited for like an outage.
+UNWRITABLE_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    CorruptRecordException,
+    UnsupportedForMessageFormatError,
+)
 
 
 ALL_TOPICS = [RAW, FAX, MATCHED, RECEIPTS, EVENTS, SHUNT] + [
@@ -111,6 +131,7 @@ def make_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProduc
         enable_idempotence=idempotence,
         linger_ms=5,
         max_batch_size=256 * 1024,
+        max_request_size=MAX_RECORD_BYTES,
         request_timeout_ms=15000,
     )
 
@@ -132,8 +153,60 @@ async def publish_all(producer: AIOKafkaProducer, records: Sequence[Publish]) ->
     await asyncio.gather(*futures)
 
 
+@dataclass
+class Refused:
+    """A record the producer or broker refused for good (too large, invalid topic)."""
+
+    record: Publish
+    error: KafkaError
+
+
+async def send_each(
+    producer: AIOKafkaProducer, records: Sequence[Publish]
+) -> tuple[list[Refused], list[Publish], BaseException | None]:
+    """Send records and wait for every acknowledgement, sorting out the failures.
+
+    Returns the records refused for good, those that failed for now (an outage: send them
+    again later) and the first error of the latter.
+    """
+    refused: list[Refused] = []
+    failed: list[Publish] = []
+    error: BaseException | None = None
+    sent: list[tuple[Publish, asyncio.Future[Any]]] = []
+    for record in records:
+        if error is not None:
+            failed.append(record)  # the broker is away: do not wait for it once per record
+            continue
+        try:
+            sent.append((record, await producer.send(record.topic, record.value, key=record.key)))
+        except UNWRITABLE_ERRORS as exc:
+            refused.append(Refused(record, exc))
+        except KafkaError as exc:
+            failed.append(record)
+            error = exc
+    results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+    for (record, _), result in zip(sent, results, strict=True):
+        if isinstance(result, UNWRITABLE_ERRORS):
+            refused.append(Refused(record, result))
+        elif isinstance(result, KafkaError | OSError | TimeoutError):
+            failed.append(record)
+            error = error or result
+        elif isinstance(result, BaseException):
+            raise result
+    return refused, failed, error
+
+
 class PoisonMessage(Exception):
     """A message that can never succeed (undecodable, invalid): shunt it without retrying."""
+
+
+class UnwritableOutput(Exception):
+    """What a record made cannot be written to the broker (too large): shunt the record."""
+
+
+def never_succeeds(exc: BaseException) -> bool:
+    """Errors that the same record meets again on every attempt: shunted without retrying."""
+    return isinstance(exc, UNWRITABLE_ERRORS)
 
 
 class _RawTrace(msgspec.Struct):
@@ -182,12 +255,36 @@ class ShuntRecord(msgspec.Struct, kw_only=True):
     attempts: int
     at: float = msgspec.field(default_factory=time.time)
     trace_id: str | None = None
+    # Set when `value` had to be cut to keep this record under the broker's limit: the
+    # original payload's size in bytes. Such a record cannot be replayed.
+    value_cut_from: int | None = None
+
+
+def fit_shunt(shunt: ShuntRecord, limit: int = MAX_SHUNT_BYTES) -> bytes:
+    """The shunt record encoded, its payload cut (and marked so) when it would be over `limit`."""
+    encoded = msgspec.json.encode(shunt)
+    if len(encoded) <= limit:
+        return encoded
+    original = len(shunt.value_b64 or "") * 3 // 4 if shunt.value_b64 else len(shunt.value.encode())
+    cut = msgspec.structs.replace(shunt, value_b64=None, value_cut_from=original)
+    keep = len(shunt.value)
+    while len(encoded) > limit and keep > 0:
+        keep = int(keep * limit / len(encoded) * 0.9)
+        cut.value = shunt.value[:keep]
+        cut.error = f"{shunt.error} [payload cut to {keep} of {len(shunt.value)} characters]"
+        encoded = msgspec.json.encode(cut)
+    if len(encoded) > limit:
+        cut.traceback = cut.traceback[-2000:]
+        encoded = msgspec.json.encode(cut)
+    return encoded
 
 
 BatchHandler = Callable[[list[ConsumerRecord]], Awaitable[list[Publish]]]
 COMMIT_TIMEOUT = 10.0
 # How long one publish may wait for the broker's acknowledgement before it is retried.
 PUBLISH_TIMEOUT = 30.0
+# How often a running stage looks at its partitions' progress (for /readyz).
+PROGRESS_SECONDS = 1.0
 
 
 @dataclass
@@ -239,6 +336,8 @@ class Stage:
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))
         started_epoch = self.epoch() if self.epoch else 0
+        # Beside the loop, so a batch that never ends (a blocked handler) is seen as a stall.
+        watching = asyncio.create_task(self._watch_progress(consumer))
         try:
             while not self._stopping.is_set():
                 if self.epoch is not None and self.epoch() != started_epoch:
@@ -254,7 +353,23 @@ class Stage:
                 if batches:
                     await metrics.refresh_lag(self.name, consumer)
         finally:
+            watching.cancel()
             await consumer.stop()
+
+    async def _watch_progress(self, consumer: AIOKafkaConsumer) -> None:
+        progress = metrics.progress_of(self.name)
+        joined = False
+        while True:
+            assignment = consumer.assignment()
+            # Until this consumer joined its group it holds nothing; what its predecessor left
+            # (a batch it crashed on) still counts.
+            joined = joined or bool(assignment)
+            if joined:
+                progress.keep_only(assignment)
+            for tp in assignment:
+                progress.observe(tp, consumer.highwater(tp))
+            progress.publish_gauge()
+            await asyncio.sleep(PROGRESS_SECONDS)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -265,6 +380,9 @@ class Stage:
         records = [record for part in batches.values() for record in part]
         offsets = {tp: part[-1].offset + 1 for tp, part in batches.items()}
         tp = ", ".join(f"{t.topic}[{t.partition}]" for t in offsets)
+        progress = metrics.progress_of(self.name)
+        for part_tp, part in batches.items():
+            progress.started(part_tp, part[0].offset)
         started = time.perf_counter()
         try:
             outputs = await self._with_db_patience(records)
@@ -273,13 +391,17 @@ class Stage:
             outputs = []
             for record in records:
                 outputs.extend(await self._one_by_one(record))
-        await self._publish_with_patience(outputs)
+        refused = await self._publish_with_patience(outputs)
+        if refused:
+            await self._shunt_refused(records, refused)
         metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
         metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         try:
             # aiokafka retries a refused commit for ever; a broker that lost its state refuses
             # this consumer's commits for good, so give up and let the supervisor start afresh.
             await asyncio.wait_for(consumer.commit(offsets), timeout=COMMIT_TIMEOUT)
+            for part_tp, offset in offsets.items():
+                progress.committed(part_tp, offset, consumer.highwater(part_tp))
         except TimeoutError:
             log.warning(
                 "stage %s: commit for %s not accepted in %.0fs; restarting the consumer",
@@ -319,7 +441,7 @@ class Stage:
                 return [self._shunt(record, exc, attempts)]
             except Exception as exc:
                 metrics.STAGE_ERRORS.labels(self.name).inc()
-                if attempts >= self.max_attempts:
+                if attempts >= self.max_attempts or never_succeeds(exc):
                     return [self._shunt(record, exc, attempts)]
                 metrics.STAGE_RETRIES.labels(self.name).inc()
                 trace_id = trace_id_of(record.value)
@@ -367,19 +489,85 @@ class Stage:
             shunt.error,
             extra={"trace_id": shunt.trace_id},
         )
-        return Publish(SHUNT, msgspec.json.encode(shunt), record.key)
+        return Publish(SHUNT, fit_shunt(shunt), record.key)
 
-    async def _publish_with_patience(self, outputs: list[Publish]) -> None:
+    async def _publish_with_patience(self, outputs: list[Publish]) -> list[Refused]:
+        """Publish, waiting out broker outages; return the records refused for good."""
+        refused: list[Refused] = []
+        pending = list(outputs)
         delay = 0.2
         while True:
             try:
-                await asyncio.wait_for(publish_all(self.producer, outputs), timeout=PUBLISH_TIMEOUT)
-                return
-            except (TimeoutError, KafkaConnectionError, KafkaError) as exc:
-                if self._stopping.is_set():
-                    raise
-                log.warning(
-                    "stage %s: broker unavailable (%s); retrying in %.1fs", self.name, exc, delay
+                unwritable, pending, error = await asyncio.wait_for(
+                    send_each(self.producer, pending), timeout=PUBLISH_TIMEOUT
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except TimeoutError as exc:
+                # Some may have been acknowledged: sending them again is harmless (natural keys).
+                unwritable, error = [], exc
+            refused.extend(unwritable)
+            if not pending:
+                return refused
+            if self._stopping.is_set():
+                assert error is not None
+                raise error
+            log.warning(
+                "stage %s: broker unavailable (%s); retrying in %.1fs", self.name, error, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _shunt_refused(self, records: list[ConsumerRecord], refused: list[Refused]) -> None:
+        """Shunt the input records whose outputs the broker can never take; the batch goes on.
+
+        An output is traced to its input by the trace id both carry; when that does not tell,
+        the batch is run again one record at a time to find the culprit.
+        """
+        by_trace: dict[str, list[ConsumerRecord]] = {}
+        for record in records:
+            trace = trace_id_of(record.value)
+            if trace:
+                by_trace.setdefault(trace, []).append(record)
+        culprits: dict[int, tuple[ConsumerRecord, Refused]] = {}
+        unattributed = False
+        for refusal in refused:
+            trace = trace_id_of(refusal.record.value)
+            sources = by_trace.get(trace, []) if trace else []
+            if not sources and len(records) == 1:
+                sources = records
+            if not sources:
+                unattributed = True
+            for source in sources:
+                culprits.setdefault(id(source), (source, refusal))
+        shunts = [
+            self._shunt(source, _unwritable(refusal), 1) for source, refusal in culprits.values()
+        ]
+        if unattributed:
+            log.warning(
+                "stage %s: an output the broker refused carries no trace id;"
+                " running the batch again one record at a time",
+                self.name,
+            )
+            for record in records:
+                if id(record) in culprits:
+                    continue
+                outputs = await self._one_by_one(record)
+                refused_again = await self._publish_with_patience(outputs)
+                if refused_again:
+                    shunts.append(self._shunt(record, _unwritable(refused_again[0]), 1))
+        for lost in await self._publish_with_patience(shunts):
+            # fit_shunt keeps shunt records under the limit; a broker with a lower one refuses
+            # them still, and the partition must go on all the same.
+            log.error(
+                "stage %s: shunt record refused too (%s); the message is only in this log: %s",
+                self.name,
+                lost.error,
+                lost.record.value[:2000].decode("utf-8", "replace"),
+            )
+
+
+def _unwritable(refusal: Refused) -> UnwritableOutput:
+    record = refusal.record
+    return UnwritableOutput(
+        f"its output to {record.topic} ({len(record.value)} bytes) cannot be written:"
+        f" {type(refusal.error).__name__}: {refusal.error}"
+    )

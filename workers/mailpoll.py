@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.blobs import DiskBlobStore
+from channels.budget import fit_raw
 from channels.email import parse_email
 from channels.imap import ImapAccount, ImapError, ImapMailbox
 from channels.smtp import EmailAccount
@@ -266,6 +267,8 @@ class MailPoller:
         raw.meta["accepted_at"] = repr(time.time())
         if self.prepare is not None:
             raw = self.prepare(raw, {"uid": uid})
+        # A huge body would make a record the broker refuses, and the mailbox would stall on it.
+        fit_raw(raw, self.rt.blobs, self.rt.settings.max_text_chars)
         return raw
 
     async def sync(self, mailbox: ImapMailbox, cursor: MailCursor) -> int:

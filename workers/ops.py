@@ -325,7 +325,7 @@ async def collect_status(
     pool: asyncpg.Pool | None,
     *,
     database_error: str | None = None,
-    stall_seconds: float = 60.0,
+    stall_seconds: float = 120.0,
     lag_warning: int = 1000,
     sample_interval: float = 2.0,
 ) -> Status:
@@ -352,14 +352,7 @@ async def collect_status(
         status.problems.append(f"broker unreachable at {bootstrap}: {status.broker}")
 
     if view is not None:
-        for stage, topic in stages.items():
-            group = group_of(stage)
-            position, end, lag = _stage_offsets(view, stage, topic)
-            if group not in view.members and end == 0:
-                continue  # a stage this installation does not run, with nothing waiting for it
-            status.stages.append(
-                StageStatus(stage, group, topic, view.members.get(group, 0), position, end, lag)
-            )
+        status.stages = _stage_statuses(view, stages)
         shunt_tps = [TopicPartition(bus.SHUNT, p) for p in view.partitions.get(bus.SHUNT, [])]
         status.shunt_total = sum(view.end.get(tp, 0) - view.begin.get(tp, 0) for tp in shunt_tps)
 
@@ -392,6 +385,54 @@ async def collect_status(
             " (is the relay running?)"
         )
     return status
+
+
+def _stage_statuses(view: KafkaView, stages: dict[str, str]) -> list[StageStatus]:
+    found = []
+    for stage, topic in stages.items():
+        group = group_of(stage)
+        position, end, lag = _stage_offsets(view, stage, topic)
+        if group not in view.members and end == 0:
+            continue  # a stage this installation does not run, with nothing waiting for it
+        found.append(
+            StageStatus(stage, group, topic, view.members.get(group, 0), position, end, lag)
+        )
+    return found
+
+
+def sample_interval_for(stall_seconds: float) -> float:
+    """How often the running installation samples its stages: several times per stall limit."""
+    return min(10.0, max(1.0, stall_seconds / 4))
+
+
+async def watch_stages(
+    bootstrap: str, pool: asyncpg.Pool, stop: asyncio.Event, stall_seconds: float
+) -> None:
+    """Sample every stage's committed and end offsets while running.
+
+    `loket status` and the ops view find a stall by comparing with a sample at least
+    LOKET_STALL_SECONDS old; these samples let the first look after a stall tell.
+    """
+    interval = sample_interval_for(stall_seconds)
+    stages = stage_topics()
+    while not stop.is_set():
+        try:
+            view = await asyncio.wait_for(
+                kafka_view(
+                    bootstrap, list(stages.values()), {group_of(s): t for s, t in stages.items()}
+                ),
+                timeout=_KAFKA_TIMEOUT,
+            )
+            async with pool.acquire(timeout=5) as conn:
+                await record_samples(conn, _stage_statuses(view, stages), interval * 0.8)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("stage samples not taken: %s", exc)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not is_transient(exc):
+                raise
+            log.debug("stage samples not written: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 async def _database_part(
@@ -675,6 +716,8 @@ async def replay(
     for entry in entries:
         if entry.record is None:
             results.append(ReplayResult(entry, "skipped: the shunt record cannot be read"))
+        elif entry.record.value_cut_from is not None:
+            results.append(ReplayResult(entry, "skipped: its payload was cut to fit the shunt"))
         elif entry.replayed_at is not None and not force:
             results.append(
                 ReplayResult(entry, f"skipped: replayed already at {entry.replayed_at.isoformat()}")
@@ -968,7 +1011,11 @@ def render_status(status: Status, console: Any) -> None:
 
 
 async def run_status(
-    settings: Any, *, as_json: bool = False, stall_seconds: float = 60.0, lag_warning: int = 1000
+    settings: Any,
+    *,
+    as_json: bool = False,
+    stall_seconds: float | None = None,
+    lag_warning: int = 1000,
 ) -> int:
     """`loket status`: exit 0 when healthy or only warnings, 1 on an outage."""
     import json
@@ -976,6 +1023,8 @@ async def run_status(
     from rich.console import Console
 
     _needs(settings)
+    if stall_seconds is None:
+        stall_seconds = float(settings.stall_seconds)
     pool, error = await _open_pool(settings.database_url)
     try:
         status = await collect_status(

@@ -10,12 +10,14 @@ updates: a restart then resumes from what was committed, and an outage is backfi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels import facebook, telegram, twitter
+from channels.budget import fit_raw
 from channels.types import (
     BlobStore,
     ChannelError,
@@ -88,7 +90,9 @@ def pollers(rt: Runtime) -> dict[str, StageFactory]:
             if not polling_enabled(entry):
                 continue
             seconds = float(entry.get("poll_seconds", default_seconds))
-            poller = SocialPoller(rt, channel, account_type.from_config(entry), poll, seconds)
+            # Attachments fetched while polling are held to the same cap as the webhooks'.
+            capped = functools.partial(poll, max_attachment_bytes=rt.settings.max_attachment_bytes)
+            poller = SocialPoller(rt, channel, account_type.from_config(entry), capped, seconds)
             found[f"poll-{channel}-{entry['name']}"] = poller.run
     return found
 
@@ -163,6 +167,7 @@ class SocialPoller:
         if messages:
             accepted = repr(time.time())
             for raw in messages:
+                fit_raw(raw, self.rt.blobs, self.rt.settings.max_text_chars)
                 raw.meta.setdefault("accepted_at", accepted)
             await bus.publish_all(
                 self.rt.producer,
