@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
-PASSWORD = "rahasia-123"
+PASSWORD = "rahasia-konsol-123"
 
 
 @pytest.fixture(scope="module")

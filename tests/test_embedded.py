@@ -50,7 +50,7 @@ def test_up_with_embedded_defaults(tmp_path: Path) -> None:
                 "--role",
                 "agent",
                 "--password",
-                "rahasia-sari-1",
+                "kopi-susu-pagi-1",
             ],
             env=env,
             capture_output=True,
@@ -60,7 +60,7 @@ def test_up_with_embedded_defaults(tmp_path: Path) -> None:
         assert added.returncode == 0, added.stderr
         login = httpx.post(
             f"http://127.0.0.1:{port}/api/login",
-            json={"username": "sari", "password": "rahasia-sari-1"},
+            json={"username": "sari", "password": "kopi-susu-pagi-1"},
             timeout=10,
         )
         assert login.status_code == 200

@@ -131,14 +131,16 @@ def test_resolved_ticket_becomes_article_suggested_for_a_similar_problem(
     assert agent.post(f"/api/kb/{article_id}/used", json={"ticket_id": 10**12}).status_code == 404
 
     # The week's report counts both tickets under the article and its tags.
-    report = ok(agent.get("/api/reports/kb", params={"period": "week"}))
+    # Reports are for managers and admins (the role matrix).
+    manager = stack.client(role="manager")
+    assert agent.get("/api/reports/kb", params={"period": "week"}).status_code == 403
+    report = ok(manager.get("/api/reports/kb", params={"period": "week"}))
     [row] = [p for p in report["frequent"] if p["article_id"] == article_id] or [None]
     assert row is not None and row["tickets"] == 2, report
     assert {"tag": app.lower(), "tickets": 2, "escalated": 0} in report["by_tag"]
 
     # Only managers retire; a retired article is no longer suggested or found.
     assert agent.patch(f"/api/kb/{article_id}", json={"status": "retired"}).status_code == 403
-    manager = stack.client(role="manager")
     assert (
         ok(manager.patch(f"/api/kb/{article_id}", json={"status": "retired"}))["status"]
         == "retired"

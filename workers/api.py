@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from ticketing import agents, replies
+from ticketing import agents, replies, roles
+from workers import idempotency
 from workers.runtime import Runtime
 
 SESSION_COOKIE = "loket_session"
@@ -20,10 +22,28 @@ LOGIN_MAX_FAILURES = 5
 LOGIN_WINDOW_SECONDS = 15 * 60
 
 
+class LoginThrottled(Exception):
+    """Too many failed logins for a name from an address: wait `retry_after` seconds."""
+
+    def __init__(self, retry_after: float):
+        super().__init__("too many failed logins; try again later")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """A login counted as a failure in advance, until it proves right."""
+
+    key: tuple[str, str]
+    stamp: float
+
+
 class LoginThrottle:
     """Failed logins per (username, address) in a sliding window, kept in this process.
 
-    One instance serves the API and the console, so guesses through one count for both.
+    An attempt is counted when it starts, not when its password has been checked: however
+    many arrive at once, at most `limit` per window are let through to be verified. One
+    instance serves the API and the console, so guesses through one count for both.
     """
 
     def __init__(self, limit: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW_SECONDS):
@@ -45,15 +65,30 @@ class LoginThrottle:
             return 0.0
         return max(stamps[0] + self.window - now, 1.0)
 
-    def failed(self, username: str, address: str, now: float | None = None) -> None:
+    def reserve(self, username: str, address: str, now: float | None = None) -> LoginAttempt:
+        """Count an attempt as failed before verifying it; LoginThrottled when none is left.
+
+        No await separates the check from the count, so concurrent attempts cannot all pass.
+        """
         now = time.monotonic() if now is None else now
+        wait = self.blocked_for(username, address, now)
+        if wait:
+            raise LoginThrottled(wait)
         key = (username.lower(), address)
         self._recent(key, now).append(now)
         if len(self.failures) > 100_000:  # a flood of made-up names must not eat the memory
             self.failures = {k: v for k, v in self.failures.items() if v}
+        return LoginAttempt(key, now)
 
-    def succeeded(self, username: str, address: str) -> None:
-        self.failures.pop((username.lower(), address), None)
+    def succeeded(self, attempt: LoginAttempt) -> None:
+        """The password was right: the failures for this name and address are forgiven."""
+        self.failures.pop(attempt.key, None)
+
+    def cancel(self, attempt: LoginAttempt) -> None:
+        """The attempt was never judged (shed, or the database failed): it does not count."""
+        stamps = self.failures.get(attempt.key)
+        if stamps is not None and attempt.stamp in stamps:
+            stamps.remove(attempt.stamp)
 
 
 login_throttle = LoginThrottle()
@@ -70,13 +105,16 @@ class Agent(BaseModel):
     display_name: str | None = None
 
 
-async def current_agent(request: Request) -> Agent:
-    """The agent behind the bearer token or session cookie; 401 otherwise."""
-    token = None
+def _token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        token = header[7:].strip()
-    token = token or request.cookies.get(SESSION_COOKIE)
+        return header[7:].strip() or None
+    return request.cookies.get(SESSION_COOKIE) or None
+
+
+async def current_agent(request: Request) -> Agent:
+    """The agent behind the bearer token or session cookie; 401 otherwise."""
+    token = _token(request)
     if not token:
         raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Bearer"})
     async with runtime(request).pool.acquire() as conn:
@@ -89,23 +127,36 @@ async def current_agent(request: Request) -> Agent:
     return Agent(**agent)
 
 
-def require_role(*roles: str):  # type: ignore[no-untyped-def]
-    """Dependency: the agent must have one of `roles` (admins may do everything)."""
+CurrentAgent = Annotated[Agent, Depends(current_agent)]
+# The request's Idempotency-Key, scoped to the agent: see workers/idempotency.py.
+Idempotent = Annotated[idempotency.Idempotency, Depends(idempotency.for_api(current_agent))]
 
-    async def check(agent: Annotated[Agent, Depends(current_agent)]) -> Agent:
-        if agent.role != "admin" and agent.role not in roles:
-            raise HTTPException(403, f"this needs the role {' or '.join(roles)}")
+
+def ensure_allowed(agent: Agent, permission: str) -> None:
+    """403 unless the role matrix lets the agent's role do `permission`."""
+    if not roles.allows(agent.role, permission):
+        raise HTTPException(403, roles.refusal(permission))
+
+
+def require(permission: str) -> Any:
+    """A route dependency: the logged-in agent may do `permission` (see ticketing/roles.py).
+
+    Every route of the API and the console names its permission this way, so the matrix is
+    the one place that says who may do what.
+    """
+    roles.permission(permission)  # an unknown name fails at import, not at the first request
+
+    async def check(agent: CurrentAgent) -> Agent:
+        ensure_allowed(agent, permission)
         return agent
 
-    return check
-
-
-CurrentAgent = Annotated[Agent, Depends(current_agent)]
+    check.permission = permission  # type: ignore[attr-defined]  # read by tests/test_roles.py
+    return Depends(check)
 
 
 class LoginRequest(BaseModel):
     username: str = Field(min_length=1, max_length=200)
-    password: str = Field(min_length=1, max_length=1000)
+    password: str = Field(min_length=1, max_length=agents.PASSWORD_MAX)
 
 
 class LoginResponse(BaseModel):
@@ -113,25 +164,65 @@ class LoginResponse(BaseModel):
     agent: Agent
 
 
-@router.post("/login", response_model=LoginResponse, tags=["agents"])
+class LoginRefused(Exception):
+    """A login that gets no session: `status` 401 (wrong), 429 (throttled) or 503 (busy)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+async def log_in(
+    rt: Runtime, username: str, password: str, address: str
+) -> tuple[dict[str, Any], str]:
+    """The agent and a new session token, for the API and the console alike; LoginRefused otherwise.
+
+    The attempt is counted against the throttle before the password is checked, and a login
+    that finds the hashing threads full is refused before any database or hashing work.
+    """
+    try:
+        attempt = login_throttle.reserve(username, address)
+    except LoginThrottled as exc:
+        raise LoginRefused(429, str(exc), int(exc.retry_after) + 1) from exc
+    judged = False
+    try:
+        agent = await agents.authenticate(rt.pool, username, password) if password else None
+        token = None
+        if agent is not None:
+            async with rt.pool.acquire() as conn:
+                token = await agents.create_session(conn, agent, rt.settings.session_hours)
+        judged = True
+    except agents.HashingBusy as exc:
+        raise LoginRefused(503, str(exc), exc.retry_after) from exc
+    finally:
+        if not judged:  # shed, cancelled or a database failure: not a wrong password
+            login_throttle.cancel(attempt)
+    if agent is None or token is None:
+        raise LoginRefused(401, "wrong username or password")
+    login_throttle.succeeded(attempt)
+    return agent, token
+
+
+@router.post(
+    "/login",
+    response_model=LoginResponse,
+    tags=["agents"],
+    responses={
+        429: {"description": "too many failed logins"},
+        503: {"description": "too many logins at once"},
+    },
+)
 async def login(body: LoginRequest, request: Request, response: Response) -> LoginResponse:
     """Exchange username and password for a bearer token (also set as an HttpOnly cookie)."""
     rt = runtime(request)
     address = request.client.host if request.client else "-"
-    wait = login_throttle.blocked_for(body.username, address)
-    if wait:
-        raise HTTPException(
-            429,
-            "too many failed logins; try again later",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-    async with rt.pool.acquire() as conn:
-        agent = await agents.authenticate(conn, body.username, body.password)
-        if agent is None:
-            login_throttle.failed(body.username, address)
-            raise HTTPException(401, "wrong username or password")
-        token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
-    login_throttle.succeeded(body.username, address)
+    try:
+        agent, token = await log_in(rt, body.username, body.password, address)
+    except LoginRefused as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise HTTPException(exc.status, exc.message, headers=headers) from exc
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -144,6 +235,72 @@ async def login(body: LoginRequest, request: Request, response: Response) -> Log
         token=token,
         agent=Agent(**{k: agent[k] for k in ("id", "username", "role", "display_name")}),
     )
+
+
+@router.post("/logout", status_code=204, tags=["agents"])
+async def logout(request: Request, agent: CurrentAgent) -> Response:
+    """End this token's session on the server; the token no longer works anywhere."""
+    token = _token(request)
+    if token:
+        async with runtime(request).pool.acquire() as conn:
+            await agents.end_session(conn, token)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+class PasswordChange(BaseModel):
+    password: str = Field(min_length=1, max_length=agents.PASSWORD_MAX)
+    current_password: str | None = Field(
+        default=None, max_length=agents.PASSWORD_MAX,
+        description="needed to change one's own password",
+    )  # fmt: skip
+
+
+class PasswordChanged(BaseModel):
+    agent_id: int
+    sessions_ended: int
+
+
+@router.post("/agents/{agent_id}/password", response_model=PasswordChanged, tags=["agents"])
+async def change_password(
+    agent_id: int, body: PasswordChange, request: Request, agent: CurrentAgent
+) -> PasswordChanged:
+    """Set a password: one's own (with the current one) or, for admins, anyone's. Every session
+    of that agent ends, this one too; 422 with the reason when the policy refuses it."""
+    own = agent_id == agent.id
+    ensure_allowed(agent, "agents.own_password" if own else "agents.password")
+    address = request.client.host if request.client else "-"
+    async with runtime(request).pool.acquire() as conn:
+        try:
+            if own:
+                # Guessing the current password through here counts like guessing at login.
+                try:
+                    attempt = login_throttle.reserve(agent.username, address)
+                except LoginThrottled as exc:
+                    raise HTTPException(
+                        429, str(exc), headers={"Retry-After": str(int(exc.retry_after) + 1)}
+                    ) from exc
+                try:
+                    matches = await agents.password_matches(
+                        conn, agent.id, body.current_password or ""
+                    )
+                except agents.HashingBusy:
+                    login_throttle.cancel(attempt)  # never judged
+                    raise
+                if not matches:
+                    raise HTTPException(403, "the current password is wrong")
+                login_throttle.succeeded(attempt)
+            ended = await agents.set_password(conn, agent_id, body.password)
+        except agents.HashingBusy as exc:
+            raise HTTPException(
+                503, str(exc), headers={"Retry-After": str(exc.retry_after)}
+            ) from exc
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except agents.WeakPassword as exc:
+            raise HTTPException(422, str(exc)) from exc
+    return PasswordChanged(agent_id=agent_id, sessions_ended=ended)
 
 
 class TicketSummary(BaseModel):
@@ -182,7 +339,9 @@ _SUMMARY_SQL = (
 )
 
 
-@router.get("/tickets", response_model=TicketList, tags=["tickets"])
+@router.get(
+    "/tickets", response_model=TicketList, tags=["tickets"], dependencies=[require("tickets.read")]
+)
 async def list_tickets(
     request: Request,
     agent: CurrentAgent,
@@ -311,7 +470,10 @@ async def load_ticket(conn: Any, ticket_id: int) -> TicketDetail:
     return TicketDetail(**dict(row), messages=messages, events=[dict(e) for e in events])
 
 
-@router.get("/tickets/{ticket_id}", response_model=TicketDetail, tags=["tickets"])
+@router.get(
+    "/tickets/{ticket_id}", response_model=TicketDetail, tags=["tickets"],
+    dependencies=[require("tickets.read")],
+)  # fmt: skip
 async def get_ticket(ticket_id: int, request: Request, agent: CurrentAgent) -> TicketDetail:
     """One ticket with all its messages (in and out, with delivery status) and its event log."""
     async with runtime(request).pool.acquire() as conn:
@@ -326,14 +488,19 @@ class ReplyRequest(BaseModel):
 
 
 @router.post(
-    "/tickets/{ticket_id}/replies", response_model=Message, status_code=201, tags=["tickets"]
-)
+    "/tickets/{ticket_id}/replies", response_model=Message, status_code=201, tags=["tickets"],
+    dependencies=[require("tickets.reply")],
+)  # fmt: skip
 async def post_reply(
-    ticket_id: int, body: ReplyRequest, request: Request, agent: CurrentAgent
-) -> Message:
-    """Answer on the channel the person used; the reply is queued and its status tracked."""
+    ticket_id: int, body: ReplyRequest, request: Request, agent: CurrentAgent, once: Idempotent
+) -> Response:
+    """Answer on the channel the person used; the reply is queued and its status tracked.
+
+    With an `Idempotency-Key`, a repeat sends nothing again and answers the first reply.
+    """
     rt = runtime(request)
-    async with rt.pool.acquire() as conn, conn.transaction():
+
+    async def work(conn: Any) -> Message:
         try:
             message = await replies.create_reply(
                 conn,
@@ -348,4 +515,6 @@ async def post_reply(
             raise HTTPException(404, str(exc)) from exc
         except replies.ReplyError as exc:
             raise HTTPException(422, str(exc)) from exc
-    return Message(**message)
+        return Message(**message)
+
+    return await once.run(rt.pool, work, status_code=201)

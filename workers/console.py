@@ -30,11 +30,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.datastructures import FormData
 
 from channels.types import CHANNELS, OUTBOUND_CHANNELS
-from ticketing import agents, procedure, replies
+from ticketing import agents, procedure, replies, roles
 from ticketing.callers import IdentityTaken
 from ticketing.states import CLOSE_REASONS, STATUSES, TIERS, TransitionError
-from workers import bus
-from workers.api import SESSION_COOKIE, login_throttle
+from workers import bus, idempotency
+from workers.api import SESSION_COOKIE, LoginRefused, log_in
 from workers.i18n import LANG_COOKIE, LANGUAGES, Translator
 from workers.runtime import Runtime
 
@@ -55,7 +55,6 @@ FANOUT_IDLE_SECONDS = 60.0
 
 # What each role sees when it opens the queue without choosing a tier.
 ROLE_TIERS: dict[str, str] = {"support": "support", "manager": "management"}
-REPORT_ROLES = ("manager", "admin")
 SAFE_INLINE_IMAGES: dict[bytes, str] = {
     b"\x89PNG\r\n\x1a\n": "image/png",
     b"\xff\xd8\xff": "image/jpeg",
@@ -75,6 +74,9 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# `{{ idempotency_key() }}`: a fresh key each time a form that creates is rendered, so a
+# double submit of that form is done once (workers/idempotency.py).
+_templates.globals["idempotency_key"] = idempotency.new_form_key
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -142,13 +144,49 @@ async def _agent(request: Request) -> dict[str, Any] | None:
         return await agents.agent_for_token(conn, token)
 
 
-async def _login_required(request: Request) -> dict[str, Any]:
-    """The logged-in agent; otherwise a redirect to the login page that comes back here."""
+class Forbidden(Exception):
+    """The agent's role may not do what the page does: answered with a 403 page."""
+
+    def __init__(self, agent: dict[str, Any], permission: str):
+        super().__init__(roles.refusal(permission))
+        self.agent = agent
+        self.permission = permission
+
+
+# The console's own wording for a refusal, where it has one; otherwise the matrix's.
+_REFUSAL_KEYS = {"reports.read": "error.forbidden"}
+
+
+async def forbidden_page(request: Request, exc: Exception) -> HTMLResponse:
+    """The 403 page for Forbidden (registered on the app)."""
+    assert isinstance(exc, Forbidden)
+    t = _translator(request)
+    key = _REFUSAL_KEYS.get(exc.permission)
+    message = t(key) if key else str(exc)
+    return _render(request, "error.html", {"message": message}, status=403, agent=exc.agent)
+
+
+async def _login_required(request: Request, permission: str) -> dict[str, Any]:
+    """The logged-in agent whose role may do `permission` (ticketing/roles.py); otherwise a
+    redirect to the login page that comes back here, or the 403 page."""
+    roles.permission(permission)
     agent = await _agent(request)
     if agent is None:
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         target = "/login?" + urllib.parse.urlencode({"next": here})
         raise HTTPException(303, "login required", headers={"Location": target})
+    if not roles.allows(agent["role"], permission):
+        raise Forbidden(agent, permission)
+    return agent
+
+
+async def _session_agent(request: Request, permission: str) -> dict[str, Any]:
+    """As _login_required, for what a page fetches (streams, files): 401 and 403, no redirect."""
+    agent = await _agent(request)
+    if agent is None:
+        raise HTTPException(401, "login required")
+    if not roles.allows(agent["role"], permission):
+        raise HTTPException(403, roles.refusal(permission))
     return agent
 
 
@@ -196,7 +234,7 @@ def _render(
         csrf=_csrf_token(request), when=when, age=age, due=due,
         path=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
         has_ops_summary=_has_route(request, "/api/ops/summary"),
-        can_report=agent is not None and agent["role"] in REPORT_ROLES,
+        can_report=agent is not None and roles.allows(agent["role"], "reports.read"),
         **context,
     )  # fmt: skip
     response = HTMLResponse(html, status_code=status)
@@ -261,25 +299,23 @@ async def login_submit(request: Request) -> Response:
     t = _translator(request)
     address = _client_ip(request)
     context = {"next": target, "username": username}
-    wait = login_throttle.blocked_for(username, address)
-    if wait:
-        minutes = max(int(wait // 60) + 1, 1)
-        response = _render(request, "login.html", {**context, "error": t("login.throttled", minutes=minutes)},
-                           status=429)  # fmt: skip
-        response.headers["Retry-After"] = str(int(wait) + 1)
-        return response
     rt = _rt(request)
-    async with rt.pool.acquire() as conn:
-        agent = (
-            await agents.authenticate(conn, username, password) if username and password else None
+    try:
+        _, token = await log_in(rt, username, password, address)
+    except LoginRefused as refused:
+        if refused.status == 429:
+            minutes = max(int((refused.retry_after or 60) // 60) + 1, 1)
+            error = t("login.throttled", minutes=minutes)
+        elif refused.status == 503:
+            error = t("login.busy") if t.has("login.busy") else refused.message
+        else:
+            error = t("login.wrong")
+        response = _render(
+            request, "login.html", {**context, "error": error}, status=refused.status
         )
-        if agent is None:
-            login_throttle.failed(username, address)
-            return _render(
-                request, "login.html", {**context, "error": t("login.wrong")}, status=401
-            )
-        token = await agents.create_session(conn, agent["id"], rt.settings.session_hours)
-    login_throttle.succeeded(username, address)
+        if refused.retry_after:
+            response.headers["Retry-After"] = str(refused.retry_after)
+        return response
     redirect = _redirect(target)
     redirect.set_cookie(
         SESSION_COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https",
@@ -397,7 +433,7 @@ async def queue_page(
 @router.get("/", response_class=HTMLResponse)
 async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLResponse:
     """Every ticket from every channel, filtered, most urgent first, 100 a page."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.read")
     params = dict(request.query_params)
     filters = queue_filters(params, agent["role"])
     page = max(page, 0)
@@ -504,8 +540,7 @@ def _sse(event: str, payload: bytes) -> bytes:
 @router.get("/events/stream")
 async def event_stream(request: Request) -> StreamingResponse:
     """Server-Sent Events: every new message as it is stored, for the queue and ticket pages."""
-    if await _agent(request) is None:
-        raise HTTPException(401, "login required")
+    await _session_agent(request, "tickets.read")
     fanout = _fanout(request)
     queue = fanout.subscribe()
 
@@ -555,7 +590,7 @@ def _event_summary(value: bytes) -> bytes:
 @router.get("/callers", response_class=HTMLResponse)
 async def caller_lookup(request: Request, phone: str = "", q: str = "") -> HTMLResponse:
     """Type a number in any form: the caller's card, or a registration form with it filled in."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "callers.read")
     phone, q = phone.strip()[:64], q.strip()[:200]
     found: list[dict[str, Any]] | None = None
     normalized = None
@@ -576,7 +611,7 @@ async def caller_lookup(request: Request, phone: str = "", q: str = "") -> HTMLR
 
 @router.post("/callers", response_class=HTMLResponse)
 async def caller_register(request: Request) -> Response:
-    agent = await _login_required(request)
+    agent = await _login_required(request, "callers.write")
     form = await _form(request)
     t = _translator(request)
     values = {
@@ -585,7 +620,7 @@ async def caller_register(request: Request) -> Response:
                             ("region", 200), ("phone", 64), ("email", 320), ("notes", 10_000))
     }  # fmt: skip
     error = None
-    caller_id = None
+    status = 422
     if not values["name"]:
         error = t("register.need_name")
     else:
@@ -603,23 +638,28 @@ async def caller_register(request: Request) -> Response:
                 organization_code=values["organization_code"] or None,
                 region=values["region"] or None, notes=values["notes"] or None,
             )  # fmt: skip
-            async with _rt(request).pool.acquire() as conn:
-                try:
-                    caller_id = await procedure.register_caller(
-                        conn, fields, identities, actor=agent["username"], agent_id=agent["id"]
-                    )
-                except IdentityTaken as exc:
-                    error = t("register.taken", value=exc.identity.value, caller_id=exc.caller_id)
-    if caller_id is not None:
-        return _redirect(f"/callers/{caller_id}")
+            once = idempotency.from_form(request, agent["id"], form)
+
+            async def work(conn: asyncpg.Connection) -> Response:
+                caller_id = await procedure.register_caller(
+                    conn, fields, identities, actor=agent["username"], agent_id=agent["id"]
+                )
+                return _redirect(f"/callers/{caller_id}")
+
+            try:
+                return await once.run(_rt(request).pool, work)
+            except IdentityTaken as exc:
+                error = t("register.taken", value=exc.identity.value, caller_id=exc.caller_id)
+            except idempotency.KeyRefused as exc:
+                error, status = idempotency.console_message(exc, t.lang), exc.status_code
     context: dict[str, Any] = {"phone": values["phone"], "q": "", "found": [], "error": error,
                                "normalized": None, "form": values}  # fmt: skip
-    return _render(request, "callers.html", context, status=422, agent=agent)
+    return _render(request, "callers.html", context, status=status, agent=agent)
 
 
 @router.get("/callers/{caller_id}", response_class=HTMLResponse)
 async def caller_card(request: Request, caller_id: int) -> HTMLResponse:
-    agent = await _login_required(request)
+    agent = await _login_required(request, "callers.read")
     async with _rt(request).pool.acquire() as conn:
         try:
             caller = await procedure.caller_detail(conn, caller_id)
@@ -632,28 +672,38 @@ async def caller_card(request: Request, caller_id: int) -> HTMLResponse:
 @router.post("/callers/{caller_id}/tickets", response_class=HTMLResponse)
 async def caller_new_ticket(request: Request, caller_id: int) -> Response:
     """Open a ticket for the call being taken: the problem as told is its first message."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.create")
     form = await _form(request)
     body = _field(form, "body", 100_000)
     channel = _field(form, "channel", 20)
     rt = _rt(request)
     t = _translator(request)
+    error, status = t("call.need_body"), 422
+    if body and channel in ("phone", "walk_in"):
+        once = idempotency.from_form(request, agent["id"], form)
+
+        async def work(conn: asyncpg.Connection) -> Response:
+            ticket_id = await procedure.log_contact(
+                conn, caller_id=caller_id, channel=channel, subject=_field(form, "subject", 200),
+                body=body, actor=agent["username"], agent_id=agent["id"], rules=rt.rules,
+            )  # fmt: skip
+            return _redirect(f"/tickets/{ticket_id}")
+
+        try:
+            return await once.run(rt.pool, work)
+        except procedure.CallerNotFound:
+            pass  # answered below, as for a form with nothing in it
+        except idempotency.KeyRefused as exc:
+            error, status = idempotency.console_message(exc, t.lang), exc.status_code
     async with rt.pool.acquire() as conn:
         try:
-            if not body or channel not in ("phone", "walk_in"):
-                caller = await procedure.caller_detail(conn, caller_id)
-                return _render(request, "caller.html", {"caller": caller, "error": t("call.need_body")},
-                               status=422, agent=agent)  # fmt: skip
-            async with conn.transaction():
-                ticket_id = await procedure.log_contact(
-                    conn, caller_id=caller_id, channel=channel, subject=_field(form, "subject", 200),
-                    body=body, actor=agent["username"], agent_id=agent["id"], rules=rt.rules,
-                )  # fmt: skip
+            caller = await procedure.caller_detail(conn, caller_id)
         except procedure.CallerNotFound:
             return _render(
                 request, "error.html", {"message": t("error.no_caller")}, status=404, agent=agent
             )
-    return _redirect(f"/tickets/{ticket_id}")
+    return _render(request, "caller.html", {"caller": caller, "error": error}, status=status,
+                   agent=agent)  # fmt: skip
 
 
 # --- tickets -------------------------------------------------------------------------------
@@ -666,7 +716,7 @@ async def _timeline(conn: asyncpg.Connection, ticket: dict[str, Any]) -> list[di
         for r in await conn.fetch(
             "SELECT * FROM (SELECT m.id, m.ticket_id, m.direction, m.channel, m.account, m.sender,"
             " m.recipient, m.subject, m.body_text, m.body_display, m.body_html, m.status,"
-            " m.status_reason, m.auto_reply, m.problems, m.created_at, m.received_at, m.sent_at,"
+            " m.status_reason, m.auto_reply, m.problems, m.meta, m.created_at, m.received_at, m.sent_at,"
             " t.subject AS ticket_subject FROM messages m JOIN tickets t ON t.id = m.ticket_id"
             " WHERE t.caller_id = $1 ORDER BY m.id DESC LIMIT $2) recent ORDER BY id",
             ticket["caller_id"], TIMELINE_LIMIT,
@@ -740,7 +790,7 @@ async def _ticket_context(
 async def ticket_page(
     request: Request, ticket_id: int, reply_to: int | None = None
 ) -> HTMLResponse:
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.read")
     context = await _ticket_context(request, ticket_id, reply_to)
     if context is None:
         return _render(request, "error.html", {"message": _translator(request)("error.no_ticket")},
@@ -772,7 +822,7 @@ async def _ticket_error(
 @router.post("/tickets/{ticket_id}/reply", response_class=HTMLResponse)
 async def ticket_reply(request: Request, ticket_id: int) -> Response:
     """Answer on the channel of the message being answered, through the API's own function."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.reply")
     form = await _form(request)
     body = _field(form, "body", 100_000)
     channel = _field(form, "channel", 20) or None
@@ -781,26 +831,32 @@ async def ticket_reply(request: Request, ticket_id: int) -> Response:
             request, agent, ticket_id, _translator(request)("reply.empty"), 422
         )
     rt = _rt(request)
-    async with rt.pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                await replies.create_reply(
-                    conn, ticket_id, body, agent_id=agent["id"], actor=agent["username"],
-                    accounts=rt.account_names(), channel=channel,
-                )  # fmt: skip
-        except LookupError:
-            return await _ticket_error(
-                request, agent, ticket_id, _translator(request)("error.no_ticket"), 404
-            )
-        except replies.ReplyError as exc:
-            return await _ticket_error(request, agent, ticket_id, str(exc), 422, draft=body)
-    return _redirect(f"/tickets/{ticket_id}#reply")
+    once = idempotency.from_form(request, agent["id"], form)
+
+    async def work(conn: asyncpg.Connection) -> Response:
+        await replies.create_reply(
+            conn, ticket_id, body, agent_id=agent["id"], actor=agent["username"],
+            accounts=rt.account_names(), channel=channel,
+        )  # fmt: skip
+        return _redirect(f"/tickets/{ticket_id}#reply")
+
+    try:
+        return await once.run(rt.pool, work)
+    except LookupError:
+        return await _ticket_error(
+            request, agent, ticket_id, _translator(request)("error.no_ticket"), 404
+        )
+    except replies.ReplyError as exc:
+        return await _ticket_error(request, agent, ticket_id, str(exc), 422, draft=body)
+    except idempotency.KeyRefused as exc:
+        message = idempotency.console_message(exc, _translator(request).lang)
+        return await _ticket_error(request, agent, ticket_id, message, exc.status_code, draft=body)
 
 
 @router.post("/tickets/{ticket_id}/notes", response_class=HTMLResponse)
 async def ticket_note(request: Request, ticket_id: int) -> Response:
     """An internal note: on the ticket's event log, never sent to the caller."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.note")
     form = await _form(request)
     note = _field(form, "note", 10_000)
     if not note:
@@ -823,33 +879,43 @@ async def ticket_note(request: Request, ticket_id: int) -> Response:
 @router.post("/tickets/{ticket_id}/transition", response_class=HTMLResponse)
 async def ticket_transition(request: Request, ticket_id: int) -> Response:
     """pend, resume, escalate, close (reason; resolved needs the solution) or reopen."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.transition")
     form = await _form(request)
     action = _field(form, "action", 20)
     reason = _field(form, "reason", 20) if action == "close" else ""
     solution = _field(form, "solution", 100_000) if action == "close" else ""
+    if reason == "spam" and not roles.allows(agent["role"], "tickets.close_spam"):
+        return await _ticket_error(
+            request, agent, ticket_id, roles.refusal("tickets.close_spam"), 403
+        )
     rt = _rt(request)
-    async with rt.pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                await procedure.transition(
-                    conn, ticket_id, action, actor=agent["username"], agent_id=agent["id"],
-                    rules=rt.rules, note=_field(form, "note", 10_000) or None,
-                    solution=solution or None, reason=reason or None,
-                )  # fmt: skip
-        except procedure.TicketNotFound:
-            return await _ticket_error(
-                request, agent, ticket_id, _translator(request)("error.no_ticket"), 404
-            )
-        except TransitionError as exc:
-            return await _ticket_error(request, agent, ticket_id, exc.message, 409)
-    return _redirect(f"/tickets/{ticket_id}")
+    once = idempotency.from_form(request, agent["id"], form)
+
+    async def work(conn: asyncpg.Connection) -> Response:
+        await procedure.transition(
+            conn, ticket_id, action, actor=agent["username"], agent_id=agent["id"],
+            rules=rt.rules, note=_field(form, "note", 10_000) or None,
+            solution=solution or None, reason=reason or None,
+        )  # fmt: skip
+        return _redirect(f"/tickets/{ticket_id}")
+
+    try:
+        return await once.run(rt.pool, work)
+    except procedure.TicketNotFound:
+        return await _ticket_error(
+            request, agent, ticket_id, _translator(request)("error.no_ticket"), 404
+        )
+    except TransitionError as exc:
+        return await _ticket_error(request, agent, ticket_id, exc.message, 409)
+    except idempotency.KeyRefused as exc:
+        message = idempotency.console_message(exc, _translator(request).lang)
+        return await _ticket_error(request, agent, ticket_id, message, exc.status_code)
 
 
 @router.post("/tickets/{ticket_id}/assign", response_class=HTMLResponse)
 async def ticket_assign(request: Request, ticket_id: int) -> Response:
     """Give the ticket to an agent: `me`, an agent id, or empty for nobody."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "tickets.assign")
     form = await _form(request)
     choice = _field(form, "agent_id", 20)
     t = _translator(request)
@@ -898,8 +964,7 @@ def _disposition(kind: str, filename: str) -> str:
 @router.get("/attachments/{attachment_id}")
 async def attachment(request: Request, attachment_id: int, inline: int = 0) -> Response:
     """An attachment as a download; raster images recognized by their bytes may be shown inline."""
-    if await _agent(request) is None:
-        raise HTTPException(401, "login required")
+    await _session_agent(request, "tickets.read")
     rt = _rt(request)
     async with rt.pool.acquire() as conn:
         row = await conn.fetchrow(
@@ -933,17 +998,14 @@ async def attachment(request: Request, attachment_id: int, inline: int = 0) -> R
 @router.get("/ops", response_class=HTMLResponse)
 async def ops_page(request: Request) -> HTMLResponse:
     """Ops view: shows `GET /api/ops/summary` when this installation has it."""
-    agent = await _login_required(request)
+    agent = await _login_required(request, "ops.read")
     return _render(request, "ops.html", {}, agent=agent)
 
 
 @router.get("/reports", response_class=HTMLResponse)
 async def reports_page(request: Request) -> HTMLResponse:
     """The open report: every ticket not closed, by tier and status (managers and admins)."""
-    agent = await _login_required(request)
-    if agent["role"] not in REPORT_ROLES:
-        return _render(request, "error.html", {"message": _translator(request)("error.forbidden")},
-                       status=403, agent=agent)  # fmt: skip
+    agent = await _login_required(request, "reports.read")
     async with _rt(request).pool.acquire() as conn:
         report = await procedure.open_report(conn)
     return _render(request, "reports.html", {"report": report}, agent=agent)

@@ -1,6 +1,6 @@
 """The help-desk procedure over HTTP: caller look-up and registration, logged calls, transitions, the open report.
 
-Every logged-in agent may take every step here; rules by role come with the console.
+Who may take which step is the role matrix's (ticketing/roles.py): each route names its permission.
 """
 
 from __future__ import annotations
@@ -10,14 +10,22 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from channels.types import Identity
 from ticketing import procedure
 from ticketing.callers import IdentityTaken
 from ticketing.states import TransitionError
-from workers.api import CurrentAgent, TicketDetail, load_ticket, runtime
+from workers.api import (
+    CurrentAgent,
+    Idempotent,
+    TicketDetail,
+    ensure_allowed,
+    load_ticket,
+    require,
+    runtime,
+)
 
 router = APIRouter(prefix="/api")
 
@@ -208,7 +216,10 @@ def report_model(report: procedure.OpenReport) -> OpenReport:
 # --- callers -------------------------------------------------------------------------------
 
 
-@router.get("/callers", response_model=list[Caller], tags=["callers"])
+@router.get(
+    "/callers", response_model=list[Caller], tags=["callers"],
+    dependencies=[require("callers.read")],
+)  # fmt: skip
 async def search_callers(
     request: Request,
     agent: CurrentAgent,
@@ -225,8 +236,13 @@ async def search_callers(
     return [Caller(**c) for c in callers]
 
 
-@router.post("/callers", response_model=CallerDetail, status_code=201, tags=["callers"])
-async def register_caller(body: CallerIn, request: Request, agent: CurrentAgent) -> CallerDetail:
+@router.post(
+    "/callers", response_model=CallerDetail, status_code=201, tags=["callers"],
+    dependencies=[require("callers.write")],
+)  # fmt: skip
+async def register_caller(
+    body: CallerIn, request: Request, agent: CurrentAgent, once: Idempotent
+) -> Response:
     """Register a caller with their identities; 409 naming the holder when one is taken."""
     identities = [_identity(i.kind, i.value) for i in body.identities]
     if body.phone:
@@ -240,7 +256,8 @@ async def register_caller(body: CallerIn, request: Request, agent: CurrentAgent)
         region=body.region,
         notes=body.notes,
     )
-    async with runtime(request).pool.acquire() as conn:
+
+    async def work(conn: asyncpg.Connection) -> CallerDetail:
         try:
             caller_id = await procedure.register_caller(
                 conn, fields, identities, actor=agent.username, agent_id=agent.id
@@ -249,8 +266,13 @@ async def register_caller(body: CallerIn, request: Request, agent: CurrentAgent)
             raise await _taken(conn, exc) from exc
         return CallerDetail(**await procedure.caller_detail(conn, caller_id))
 
+    return await once.run(runtime(request).pool, work, status_code=201)
 
-@router.get("/callers/{caller_id}", response_model=CallerDetail, tags=["callers"])
+
+@router.get(
+    "/callers/{caller_id}", response_model=CallerDetail, tags=["callers"],
+    dependencies=[require("callers.read")],
+)  # fmt: skip
 async def get_caller(caller_id: int, request: Request, agent: CurrentAgent) -> CallerDetail:
     """One caller with identities, tickets and history; a merged id answers with its survivor."""
     async with runtime(request).pool.acquire() as conn:
@@ -265,6 +287,7 @@ async def get_caller(caller_id: int, request: Request, agent: CurrentAgent) -> C
     response_model=CallerDetail,
     status_code=201,
     tags=["callers"],
+    dependencies=[require("callers.write")],
 )
 async def add_identity(
     caller_id: int, body: IdentityIn, request: Request, agent: CurrentAgent
@@ -284,8 +307,9 @@ async def add_identity(
 
 
 @router.delete(
-    "/callers/{caller_id}/identities/{identity_id}", response_model=CallerDetail, tags=["callers"]
-)
+    "/callers/{caller_id}/identities/{identity_id}", response_model=CallerDetail, tags=["callers"],
+    dependencies=[require("callers.remove_identity")],
+)  # fmt: skip
 async def remove_identity(
     caller_id: int, identity_id: int, request: Request, agent: CurrentAgent
 ) -> CallerDetail:
@@ -300,7 +324,10 @@ async def remove_identity(
         return CallerDetail(**await procedure.caller_detail(conn, survivor_id))
 
 
-@router.post("/callers/{caller_id}/merge", response_model=CallerDetail, tags=["callers"])
+@router.post(
+    "/callers/{caller_id}/merge", response_model=CallerDetail, tags=["callers"],
+    dependencies=[require("callers.merge")],
+)  # fmt: skip
 async def merge_caller(
     caller_id: int, body: MergeIn, request: Request, agent: CurrentAgent
 ) -> CallerDetail:
@@ -319,7 +346,10 @@ async def merge_caller(
         return CallerDetail(**await procedure.caller_detail(conn, caller_id))
 
 
-@router.get("/callers/{caller_id}/duplicates", response_model=list[Duplicate], tags=["callers"])
+@router.get(
+    "/callers/{caller_id}/duplicates", response_model=list[Duplicate], tags=["callers"],
+    dependencies=[require("callers.read")],
+)  # fmt: skip
 async def duplicates(caller_id: int, request: Request, agent: CurrentAgent) -> list[Duplicate]:
     """Callers who may be the same person (same name, or same organization and a similar name)."""
     async with runtime(request).pool.acquire() as conn:
@@ -333,50 +363,67 @@ async def duplicates(caller_id: int, request: Request, agent: CurrentAgent) -> l
 # --- tickets -------------------------------------------------------------------------------
 
 
-@router.post("/tickets", response_model=TicketDetail, status_code=201, tags=["tickets"])
-async def log_contact(body: TicketIn, request: Request, agent: CurrentAgent) -> TicketDetail:
+@router.post(
+    "/tickets", response_model=TicketDetail, status_code=201, tags=["tickets"],
+    dependencies=[require("tickets.create")],
+)  # fmt: skip
+async def log_contact(
+    body: TicketIn, request: Request, agent: CurrentAgent, once: Idempotent
+) -> Response:
     """Open a ticket for a call or visit: the problem as told is its first inbound message."""
     rt = runtime(request)
-    async with rt.pool.acquire() as conn:
+
+    async def work(conn: asyncpg.Connection) -> TicketDetail:
         try:
-            async with conn.transaction():
-                ticket_id = await procedure.log_contact(
-                    conn, caller_id=body.caller_id, channel=body.channel, subject=body.subject,
-                    body=body.body, actor=agent.username, agent_id=agent.id, rules=rt.rules,
-                )  # fmt: skip
+            ticket_id = await procedure.log_contact(
+                conn, caller_id=body.caller_id, channel=body.channel, subject=body.subject,
+                body=body.body, actor=agent.username, agent_id=agent.id, rules=rt.rules,
+            )  # fmt: skip
         except procedure.CallerNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
         return await load_ticket(conn, ticket_id)
 
+    return await once.run(rt.pool, work, status_code=201)
 
-@router.post("/tickets/{ticket_id}/transitions", response_model=TicketDetail, tags=["tickets"])
+
+@router.post(
+    "/tickets/{ticket_id}/transitions", response_model=TicketDetail, tags=["tickets"],
+    dependencies=[require("tickets.transition")],
+)  # fmt: skip
 async def transition(
-    ticket_id: int, body: TransitionIn, request: Request, agent: CurrentAgent
-) -> TicketDetail:
+    ticket_id: int, body: TransitionIn, request: Request, agent: CurrentAgent, once: Idempotent
+) -> Response:
     """pend, resume, escalate, close (with a reason; resolved needs the solution) or reopen.
 
     409 with the reason when the procedure does not allow the action from the ticket's state.
     """
+    if body.action == "close" and body.reason == "spam":
+        ensure_allowed(agent, "tickets.close_spam")
     rt = runtime(request)
-    async with rt.pool.acquire() as conn:
+
+    async def work(conn: asyncpg.Connection) -> TicketDetail:
         try:
-            async with conn.transaction():
-                await procedure.transition(
-                    conn, ticket_id, body.action, actor=agent.username, agent_id=agent.id,
-                    rules=rt.rules, note=body.note, solution=body.solution, reason=body.reason,
-                )  # fmt: skip
+            await procedure.transition(
+                conn, ticket_id, body.action, actor=agent.username, agent_id=agent.id,
+                rules=rt.rules, note=body.note, solution=body.solution, reason=body.reason,
+            )  # fmt: skip
         except procedure.TicketNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
         except TransitionError as exc:
             raise HTTPException(409, exc.message) from exc
         return await load_ticket(conn, ticket_id)
 
+    return await once.run(rt.pool, work)
+
 
 class AssigneeIn(BaseModel):
     agent_id: int | None = Field(description="the agent who takes the ticket; null for nobody")
 
 
-@router.post("/tickets/{ticket_id}/assignee", response_model=TicketDetail, tags=["tickets"])
+@router.post(
+    "/tickets/{ticket_id}/assignee", response_model=TicketDetail, tags=["tickets"],
+    dependencies=[require("tickets.assign")],
+)  # fmt: skip
 async def assign(
     ticket_id: int, body: AssigneeIn, request: Request, agent: CurrentAgent
 ) -> TicketDetail:
@@ -398,7 +445,10 @@ async def assign(
 # --- reports -------------------------------------------------------------------------------
 
 
-@router.get("/reports/open", response_model=OpenReport, tags=["reports"])
+@router.get(
+    "/reports/open", response_model=OpenReport, tags=["reports"],
+    dependencies=[require("reports.read")],
+)  # fmt: skip
 async def open_report(request: Request, agent: CurrentAgent) -> OpenReport:
     """Nothing missed: every ticket not closed by tier and status, oldest first, and the ones
     pending at support or management beyond their deadline."""

@@ -11,11 +11,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from ticketing import kb
-from workers.api import CurrentAgent, runtime
+from workers.api import CurrentAgent, ensure_allowed, require, runtime
 
 router = APIRouter(prefix="/api")
-# Only these roles take an article out of use (or bring a retired one back).
-RETIRING_ROLES = ("manager", "admin")
 
 
 class Article(BaseModel):
@@ -115,7 +113,7 @@ class KbReport(BaseModel):
     escalated: list[ProblemCount]
 
 
-@router.get("/kb", response_model=list[SearchHit], tags=["kb"])
+@router.get("/kb", response_model=list[SearchHit], tags=["kb"], dependencies=[require("kb.read")])
 async def search_kb(
     request: Request,
     agent: CurrentAgent,
@@ -140,7 +138,10 @@ async def search_kb(
     ]
 
 
-@router.post("/kb", response_model=Article, status_code=201, tags=["kb"])
+@router.post(
+    "/kb", response_model=Article, status_code=201, tags=["kb"],
+    dependencies=[require("kb.write")],
+)  # fmt: skip
 async def create_article(body: ArticleIn, request: Request, agent: CurrentAgent) -> Article:
     """Write an article; it is published at once."""
     async with runtime(request).pool.acquire() as conn:
@@ -155,7 +156,9 @@ async def create_article(body: ArticleIn, request: Request, agent: CurrentAgent)
     return Article(**article)
 
 
-@router.get("/kb/{article_id}", response_model=Article, tags=["kb"])
+@router.get(
+    "/kb/{article_id}", response_model=Article, tags=["kb"], dependencies=[require("kb.read")]
+)
 async def get_article(article_id: int, request: Request, agent: CurrentAgent) -> Article:
     async with runtime(request).pool.acquire() as conn:
         try:
@@ -164,7 +167,9 @@ async def get_article(article_id: int, request: Request, agent: CurrentAgent) ->
             raise HTTPException(404, str(exc)) from exc
 
 
-@router.patch("/kb/{article_id}", response_model=Article, tags=["kb"])
+@router.patch(
+    "/kb/{article_id}", response_model=Article, tags=["kb"], dependencies=[require("kb.write")]
+)
 async def patch_article(
     article_id: int, body: ArticlePatch, request: Request, agent: CurrentAgent
 ) -> Article:
@@ -177,10 +182,8 @@ async def patch_article(
                 touches_retired = body.status == "retired" or (
                     current["status"] == "retired" and body.status not in (None, "retired")
                 )
-                if touches_retired and agent.role not in RETIRING_ROLES:
-                    raise HTTPException(
-                        403, "retiring an article, or bringing one back, needs the role manager"
-                    )
+                if touches_retired:
+                    ensure_allowed(agent, "kb.retire")
                 article = await kb.update_article(
                     conn, article_id, agent_id=agent.id, problem=body.problem, solution=body.solution,
                     tags=body.tags, language=body.language, status=body.status,
@@ -192,7 +195,9 @@ async def patch_article(
     return Article(**article)
 
 
-@router.post("/kb/{article_id}/used", response_model=Usage, tags=["kb"])
+@router.post(
+    "/kb/{article_id}/used", response_model=Usage, tags=["kb"], dependencies=[require("kb.write")]
+)
 async def article_used(
     article_id: int, body: UsedIn, request: Request, agent: CurrentAgent
 ) -> Usage:
@@ -213,7 +218,10 @@ async def article_used(
     return Usage(article_id=article_id, ticket_id=body.ticket_id, usage_count=count)
 
 
-@router.get("/tickets/{ticket_id}/suggestions", response_model=list[Suggestion], tags=["kb"])
+@router.get(
+    "/tickets/{ticket_id}/suggestions", response_model=list[Suggestion], tags=["kb"],
+    dependencies=[require("kb.read")],
+)  # fmt: skip
 async def ticket_suggestions(
     ticket_id: int, request: Request, agent: CurrentAgent
 ) -> list[Suggestion]:
@@ -224,7 +232,10 @@ async def ticket_suggestions(
         return [Suggestion(**s) for s in await kb.suggestions(conn, ticket_id)]
 
 
-@router.get("/reports/kb", response_model=KbReport, tags=["reports"])
+@router.get(
+    "/reports/kb", response_model=KbReport, tags=["reports"],
+    dependencies=[require("reports.read")],
+)  # fmt: skip
 async def kb_report(
     request: Request, agent: CurrentAgent, period: Literal["week", "month"] = "week"
 ) -> KbReport:

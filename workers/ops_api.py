@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 
 from workers import ops
-from workers.api import Agent, CurrentAgent, require_role
+from workers.api import CurrentAgent, require
 from workers.runtime import Runtime
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
@@ -20,11 +20,16 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-@router.get("/summary")
+@router.get("/summary", dependencies=[require("ops.read")])
 async def summary(request: Request, agent: CurrentAgent) -> dict[str, Any]:
     """Per-stage lag and rate, shunt count, outbox backlog, channel health, and the last hour per minute."""
     rt = _runtime(request)
-    status = await ops.collect_status(rt.bootstrap, rt.pool, sample_interval=SAMPLE_SECONDS)
+    status = await ops.collect_status(
+        rt.bootstrap,
+        rt.pool,
+        stall_seconds=rt.settings.stall_seconds,
+        sample_interval=SAMPLE_SECONDS,
+    )
     document = status.as_json()
     if status.database is None:
         async with rt.pool.acquire() as conn:
@@ -32,7 +37,7 @@ async def summary(request: Request, agent: CurrentAgent) -> dict[str, Any]:
     return document
 
 
-@router.get("/trace/{ident}")
+@router.get("/trace/{ident}", dependencies=[require("ops.read")])
 async def trace(ident: str, request: Request, agent: CurrentAgent) -> dict[str, Any]:
     """The path of a message, by trace id or message id; 404 when nothing carries that id."""
     rt = _runtime(request)
@@ -44,10 +49,8 @@ async def trace(ident: str, request: Request, agent: CurrentAgent) -> dict[str, 
     return found.as_json()
 
 
-@router.get("/shunt")
-async def shunt(
-    request: Request, agent: Annotated[Agent, Depends(require_role("manager"))]
-) -> list[dict[str, Any]]:
+@router.get("/shunt", dependencies=[require("ops.shunt")])
+async def shunt(request: Request, agent: CurrentAgent) -> list[dict[str, Any]]:
     """Shunted records (stage, source, error, when, replayed), oldest first."""
     rt = _runtime(request)
     async with rt.pool.acquire() as conn:

@@ -1,4 +1,4 @@
-"""Scheduled work: SLA escalation of overdue tickets."""
+"""Scheduled work: SLA escalation of overdue tickets, pruning of old idempotency keys."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import asyncpg
 
 from ticketing.procedure import escalate_overdue
 from ticketing.rules import TicketRules
+from workers.idempotency import run_prune
 from workers.runtime import Runtime
 from workers.wiring import StageFactory
 
@@ -45,4 +46,7 @@ async def run_sla(
 
 
 def scheduler_tasks(rt: Runtime) -> dict[str, StageFactory]:
-    return {"sla": lambda stop: run_sla(rt.pool, rt.rules, stop)}
+    return {
+        "sla": lambda stop: run_sla(rt.pool, rt.rules, stop),
+        "idempotency-prune": lambda stop: run_prune(rt.pool, stop),
+    }
