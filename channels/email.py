@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import math
 import mimetypes
 import re
@@ -20,6 +19,7 @@ from html.parser import HTMLParser
 
 import nh3
 
+from channels import charsets
 from channels.types import AttachmentRef, BlobStore, ChannelError, OutboundReply, RawInbound
 from normalizer.threading import (
     make_message_id,
@@ -60,6 +60,10 @@ KEPT_HEADERS = (
 )
 # Headers that may legitimately appear more than once and are all worth keeping.
 _JOINED_HEADERS = {"to", "cc", "delivered-to", "x-original-to"}
+# Where a reply can go, in order of preference.
+_SENDER_HEADERS = ("from", "reply-to", "sender", "return-path")
+# The problem that flags a message nobody can answer by mail (meta "no_reply_address" too).
+NO_REPLY_ADDRESS = "no reply address"
 
 _DEFECT_TEXT = {
     "StartBoundaryNotFoundDefect": "MIME start boundary not found",
@@ -82,8 +86,12 @@ _DEFECT_TEXT = {
     "NonPrintableDefect": "non-printable characters in a header",
 }
 
+_USABLE_ADDRESS_RE = re.compile(
+    r"^[^\s@<>()\[\],;:\"\\]{1,64}@(?:[^\s@<>()\[\],;:\"\\.]+\.)+[^\s@<>()\[\],;:\"\\.]{2,}$"
+)
 _TOKEN_RE = re.compile(r"^[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}$")
 _SURROGATES_RE = re.compile("[\udc80-\udcff]+")
+_WORD_CHARSET_RE = re.compile(r"=\?([^?*\s]{1,40})(?:\*[^?]*)?\?[bBqQ]\?")
 _REPLY_PREFIX_RE = re.compile(
     r"^\s*(?:re|aw|sv|antw|balas|bls)\s*(?:\[\d+\])?\s*:\s*", re.IGNORECASE
 )
@@ -111,15 +119,18 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def _undo_surrogates(text: str) -> str:
-    """Raw 8-bit header bytes (kept as surrogate escapes) decoded as UTF-8, else Latin-1."""
-    if not _SURROGATES_RE.search(text):
+def _undo_surrogates(text: str, charset: str | None = None) -> str:
+    """Header text sent without RFC 2047: raw 8-bit bytes (kept as surrogate escapes) or
+    ISO-2022-JP escapes, decoded as UTF-8, else as `charset` (what the message declares
+    elsewhere), else as detected, else as windows-1252."""
+    if _SURROGATES_RE.search(text):
+        data = text.encode("utf-8", "surrogateescape")
+    elif "\x1b$" in text and text.isascii():
+        data = text.encode("ascii")
+    else:
         return text
-    data = text.encode("utf-8", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    decoded, _ = charsets.decode(data, None, hint=charset)
+    return decoded
 
 
 def _describe(exc: BaseException) -> str:
@@ -145,9 +156,11 @@ def _raw_headers(part: Message, problems: _Problems) -> dict[str, list[str]]:
     return found
 
 
-def _parse_header(name: str, raw: str, problems: _Problems) -> BaseHeader | None:
+def _parse_header(
+    name: str, raw: str, problems: _Problems, charset: str | None = None
+) -> BaseHeader | None:
     """The policy's header object for a raw value (shortened first if absurdly long), or None."""
-    value = _undo_surrogates(raw)
+    value = _undo_surrogates(raw, charset)
     if len(value) > MAX_HEADER_CHARS:
         problems.add(f"{name} header of {len(value)} characters cut to {MAX_HEADER_CHARS}")
         value = value[:MAX_HEADER_CHARS]
@@ -158,9 +171,9 @@ def _parse_header(name: str, raw: str, problems: _Problems) -> BaseHeader | None
         return None
 
 
-def _decode_plain(raw: str, problems: _Problems | None = None) -> str:
-    """RFC 2047 decoding without structure; unknown charsets fall back as body text does."""
-    value = " ".join(_undo_surrogates(raw).split())
+def _decode_plain(raw: str, problems: _Problems | None = None, charset: str | None = None) -> str:
+    """RFC 2047 decoding without structure; labels decode as body text does (supersets, ...)."""
+    value = " ".join(_undo_surrogates(raw, charset).split())
     try:
         chunks = decode_header(value)
         usable: list[tuple[bytes | str, str | None]] = []
@@ -176,23 +189,31 @@ def _decode_plain(raw: str, problems: _Problems | None = None) -> str:
         return value
 
 
-def _header_text(name: str, raw: str, problems: _Problems) -> str:
-    header = _parse_header(name, raw, problems)
+def _words_need_superset(raw: str) -> bool:
+    """Whether an encoded word's label is unknown or narrower than what senders put under it."""
+    return any(charsets.needs_superset(label) for label in _WORD_CHARSET_RE.findall(raw))
+
+
+def _header_text(name: str, raw: str, problems: _Problems, charset: str | None = None) -> str:
+    header = _parse_header(name, raw, problems, charset)
     if header is None:
-        return _clean(_decode_plain(raw[:MAX_HEADER_CHARS], problems))
+        return _clean(_decode_plain(raw[:MAX_HEADER_CHARS], problems, charset))
     text = " ".join(str(header).split())
-    if "\ufffd" in text and "=?" in raw:
-        # The policy replaces words in unknown charsets; decode them the tolerant way instead.
+    if "=?" in raw and ("\ufffd" in text or _words_need_superset(raw)):
+        # The policy decodes words by their label's strict table (replacing what it lacks);
+        # decode them the tolerant way instead.
         found = _Problems()
-        text = _decode_plain(raw[:MAX_HEADER_CHARS], found)
+        text = _decode_plain(raw[:MAX_HEADER_CHARS], found, charset)
         for problem in found.items:
             problems.add(f"{name} header: {problem}")
     return _clean(text)
 
 
-def _addresses(name: str, raw: str, problems: _Problems) -> list[tuple[str, str]]:
+def _addresses(
+    name: str, raw: str, problems: _Problems, charset: str | None = None
+) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address header."""
-    header = _parse_header(name, raw, problems)
+    header = _parse_header(name, raw, problems, charset)
     pairs: list[tuple[str, str]] = []
     if header is not None and hasattr(header, "addresses"):
         try:
@@ -200,10 +221,15 @@ def _addresses(name: str, raw: str, problems: _Problems) -> list[tuple[str, str]
         except Exception as exc:  # malformed group syntax and similar
             problems.add(f"{name} header addresses unreadable ({_describe(exc)})")
     unknown_charset = _Problems()
-    plain = _decode_plain(raw[:MAX_HEADER_CHARS], unknown_charset)
-    if not any(address for _, address in pairs) or unknown_charset.items:
-        # The policy lost the display name (unknown charset) or found no address at all.
-        pairs = getaddresses([plain])
+    plain = _decode_plain(raw[:MAX_HEADER_CHARS], unknown_charset, charset)
+    if (
+        not any(_usable_address(address) for _, address in pairs)
+        or unknown_charset.items
+        or ("=?" in raw and _words_need_superset(raw))
+    ):
+        # The policy lost the display name (unknown charset) or found no usable address
+        # (it reads "Maya <maya@example.com.>" as the address "Maya"): the lenient reading.
+        pairs = getaddresses([plain]) + pairs
     return [(_clean(display), _clean(address).strip().strip("<>")) for display, address in pairs]
 
 
@@ -279,41 +305,16 @@ def _payload_bytes(part: Message, problems: _Problems) -> bytes:
         return b""
 
 
-def _decode_text(data: bytes, charset: str | None, problems: _Problems) -> str:
-    """Bytes of a text part as str, tolerating missing, wrong and unknown charsets."""
-    declared = charset or "us-ascii"
-    codec = None
-    try:
-        info = codecs.lookup(declared)
-        # Refuse bytes-to-bytes codecs (zlib, base64, ...) named as a charset.
-        if getattr(info, "_is_text_encoding", True):
-            codec = info.name
-    except LookupError:
-        codec = None
-    if codec is None:
-        try:
-            text = data.decode("utf-8")
-            problems.add(f"charset {declared} unknown, decoded as UTF-8")
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-            problems.add(f"charset {declared} unknown, decoded as latin-1")
-        return _clean(text)
-    try:
-        return _clean(data.decode(codec))
-    except (UnicodeDecodeError, UnicodeError):
-        pass
-    try:
-        text = data.decode("utf-8")
-        problems.add(f"declared charset {declared} does not fit the text; decoded as UTF-8")
-        return _clean(text)
-    except UnicodeDecodeError:
-        pass
-    if codec in ("ascii", "utf-8"):
-        text = data.decode("cp1252", "replace")
-        problems.add(f"declared charset {declared} does not fit the text; decoded as windows-1252")
-    else:
-        text = data.decode(codec, "replace")
-        problems.add(f"invalid {declared} bytes replaced")
+def _decode_text(
+    data: bytes, charset: str | None, problems: _Problems, hint: str | None = None
+) -> str:
+    """Bytes of a text part as str, tolerating missing, wrong and unknown charsets.
+
+    `hint` is a charset the message declares elsewhere, tried for undeclared 8-bit text.
+    """
+    text, problem = charsets.decode(data, charset, hint)
+    if problem:
+        problems.add(problem)
     return _clean(text)
 
 
@@ -398,6 +399,8 @@ class _Walk:
         self.original_headers: Message | None = None
         self.depth_noted = False
         self.parts_noted = False
+        self.charset_hint: str | None = None  # what the headers' encoded words declare
+        self.declared_charsets: list[str] = []
 
     def defects(self, part: Message) -> None:
         for defect in getattr(part, "defects", ()):
@@ -458,7 +461,9 @@ class _Walk:
         self.attach(part, info)
 
     def leaf_text(self, data: bytes, info: _PartInfo, subtype: str) -> None:
-        text = _decode_text(data, info.charset, self.problems)
+        if info.charset and info.charset not in self.declared_charsets:
+            self.declared_charsets.append(info.charset)
+        text = _decode_text(data, info.charset, self.problems, self.charset_hint)
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         if b"\x00" in data:
             self.problems.add("NUL bytes removed from the text")
@@ -628,29 +633,162 @@ def _received_at(date: str | None, problems: _Problems) -> float:
     return time.time()
 
 
-def _sender(raw_headers: dict[str, list[str]], problems: _Problems) -> tuple[str, str | None]:
-    for name in ("from", "sender", "return-path"):
-        for raw in raw_headers.get(name, []):
-            for display, address in _addresses(name, raw, problems):
-                if address:
+def _usable_address(address: str) -> str | None:
+    """The address, lower-cased, if a reply can go to it; None for empty or malformed ones."""
+    candidate = address.strip().strip("<>").strip()
+    if candidate.lower().startswith("mailto:"):
+        candidate = candidate[len("mailto:") :]
+    candidate = candidate.lower()
+    if len(candidate) > 254 or not _USABLE_ADDRESS_RE.match(candidate):
+        return None
+    if any(unicodedata.category(char).startswith("C") for char in candidate):
+        return None
+    return candidate
+
+
+def _sender(
+    raw_headers: dict[str, list[str]], problems: _Problems, charset: str | None = None
+) -> tuple[str, str | None]:
+    """Address and display name to answer: From, else Reply-To, Sender, Return-Path; never made up.
+
+    An empty address means no header holds a usable one: the caller cannot be answered by mail.
+    """
+    from_name: str | None = None
+    rooted: str | None = None  # "name@example.com.": the same address, written with the root dot
+    for name in _SENDER_HEADERS:
+        for raw in raw_headers.get(name, [])[:5]:
+            pairs = _addresses(name, raw, problems, charset)[:20]
+            for display, address in pairs:
+                usable = _usable_address(address)
+                if name == "from":
+                    from_name = from_name or display.strip() or None
+                    if usable is None and rooted is None and address.strip().endswith("."):
+                        rooted = _usable_address(address.strip().rstrip("."))
+                if usable:
                     if name != "from":
                         problems.add(f"no usable From address; sender taken from {name.title()}")
-                    return address.lower(), (display.strip() or None)
-    problems.add("no sender address in From, Sender or Return-Path")
-    return "", None
+                    return usable, (display.strip() or from_name)
+            if name == "from":
+                plain = _clean(_decode_plain(raw[:MAX_HEADER_CHARS], None, charset)).strip()
+                if plain and "@" not in plain and "<" not in plain:
+                    # "From: Budi Santoso": a name where the address belongs.
+                    from_name = plain.strip("\"' ") or from_name
+                problems.add(f"From {plain[:80]!r} holds no usable address")
+    if rooted:
+        problems.add("sender taken from From without the trailing dot of its domain")
+        return rooted, from_name
+    problems.add(NO_REPLY_ADDRESS)
+    problems.add("no sender address in From, Reply-To, Sender or Return-Path")
+    return "", from_name
 
 
-def _headers(raw_headers: dict[str, list[str]], problems: _Problems) -> dict[str, str]:
+def _headers(
+    raw_headers: dict[str, list[str]], problems: _Problems, charset: str | None = None
+) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name in KEPT_HEADERS:
         values = raw_headers.get(name)
         if not values:
             continue
         if name in _JOINED_HEADERS:
-            headers[name] = ", ".join(_header_text(name, value, problems) for value in values[:20])
+            headers[name] = ", ".join(
+                _header_text(name, value, problems, charset) for value in values[:20]
+            )
         else:
-            headers[name] = _header_text(name, values[0], problems)
+            headers[name] = _header_text(name, values[0], problems, charset)
     return headers
+
+
+# What the stdlib parser takes for a header line (a field name and a colon) and, stricter,
+# what a header line surely is.
+_LENIENT_FIELD_RE = re.compile(rb"^(?:From |[\x21-\x39\x3b-\x7e]*:)")
+_FIELD_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9-]{0,75}:")
+_HEADER_REPAIR_LINES = 2000
+_LEADING_JUNK_LINES = 5
+
+
+def _header_lines(data: bytes) -> tuple[list[bytes], int]:
+    """The header block's lines (with line ends, up to the blank line) and where they end."""
+    lines: list[bytes] = []
+    position = 0
+    while position < len(data) and len(lines) < _HEADER_REPAIR_LINES:
+        newline = data.find(b"\n", position)
+        end = len(data) if newline < 0 else newline + 1
+        line = data[position:end]
+        if not line.strip(b"\r\n"):
+            break
+        lines.append(line)
+        position = end
+    return lines, position
+
+
+def _repair_header_block(data: bytes, problems: _Problems) -> bytes:
+    """The mail with its header block readable: lines before the headers dropped, and header
+    continuation lines that lost their indentation joined to their header again."""
+    lines, end = _header_lines(data)
+    if not lines or all(
+        _LENIENT_FIELD_RE.match(line) or line[:1] in (b" ", b"\t") for line in lines
+    ):
+        return data
+    start = 0
+    if not _LENIENT_FIELD_RE.match(lines[0]):
+        # "---- Original email message ----" above the headers: skip to the header block.
+        for index in range(1, min(len(lines) - 1, _LEADING_JUNK_LINES + 1)):
+            if _FIELD_RE.match(lines[index]) and (
+                _FIELD_RE.match(lines[index + 1]) or lines[index + 1][:1] in (b" ", b"\t")
+            ):
+                start = index
+                break
+        if start:
+            skipped = b" / ".join(line.strip() for line in lines[:start])
+            problems.add(
+                f"{start} line(s) before the header block skipped: "
+                f"{skipped[:80].decode('utf-8', 'replace')!r}"
+            )
+    last_field = max(
+        (index for index in range(start, len(lines)) if _FIELD_RE.match(lines[index])),
+        default=-1,
+    )
+    repaired = lines[start:]
+    joined = 0
+    for index in range(start + 1, last_field):
+        line = lines[index]
+        if not _LENIENT_FIELD_RE.match(line) and line[:1] not in (b" ", b"\t"):
+            # A header follows, so this is not the body: a folded line without its indentation.
+            repaired[index - start] = b" " + line
+            joined += 1
+    if joined:
+        problems.add(f"{joined} header continuation line(s) without indentation joined")
+    if not start and not joined:
+        return data
+    return b"".join(repaired) + data[end:]
+
+
+def _message_charset(raw_headers: dict[str, list[str]], declared: list[str]) -> str | None:
+    """The legacy charset the message uses, for header bytes sent without RFC 2047."""
+    for label in declared + _WORD_CHARSET_RE.findall(" ".join(_flat(raw_headers))):
+        codec = charsets.codec_for(label)
+        if codec and codec not in ("ascii", "utf-8"):
+            superset = charsets.superset_of(codec)
+            # 8-bit bytes in a mail labelled ISO-2022-JP are Shift_JIS (or EUC-JP).
+            return "cp932" if superset == charsets.ISO2022JP_CP932 else superset
+    raw_bytes = b" ".join(
+        value.encode("utf-8", "surrogateescape")
+        for value in _flat(raw_headers)
+        if _SURROGATES_RE.search(value)
+    )
+    if not raw_bytes:
+        return None
+    try:
+        raw_bytes.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        # All of a message's raw header bytes together tell detection more than one header.
+        return charsets.detect(raw_bytes)
+
+
+def _flat(raw_headers: dict[str, list[str]]) -> list[str]:
+    return [value[:MAX_HEADER_CHARS] for values in raw_headers.values() for value in values[:20]]
 
 
 def _parse_tree(data: bytes, problems: _Problems) -> tuple[Message, bool]:
@@ -687,13 +825,17 @@ def parse_email(
     if b"\x00" in data:
         problems.add("message contains NUL bytes")
     try:
-        message, body_parsed = _parse_tree(data, problems)
+        message, body_parsed = _parse_tree(_repair_header_block(data, problems), problems)
         raw_headers = _raw_headers(message, problems)
-        headers = _headers(raw_headers, problems)
-        sender, sender_name = _sender(raw_headers, problems)
         walk = _Walk(blobs, max_attachment_bytes, problems)
+        walk.charset_hint = _message_charset(raw_headers, [])
         if body_parsed:
             walk.visit(message, 0)
+        charset = _message_charset(raw_headers, walk.declared_charsets)
+        headers = _headers(raw_headers, problems, charset)
+        sender, sender_name = _sender(raw_headers, problems, charset)
+        if not sender and channel == "email":
+            meta["no_reply_address"] = "1"
         if walk.is_report:
             meta.update(_dsn_meta(walk, problems))
         body_html = sanitize_html(walk.html) if walk.html is not None else None
