@@ -105,7 +105,9 @@ class LoketStack:
         for name in list(self.processes):
             self.kill(name, signal.SIGTERM)
 
-    def add_agent(self, username: str, role: str = "agent", password: str = "rahasia-123") -> str:
+    def add_agent(
+        self, username: str, role: str = "agent", password: str = "rahasia-loket-123"
+    ) -> str:
         subprocess.run(
             [
                 sys.executable,
