@@ -439,10 +439,10 @@ async def webhook_server(rt: Runtime) -> AsyncIterator[str]:
     import uvicorn
 
     from workers.http import create_app
+    from workers.httpserver import server_config
 
     port = free_port()
-    config = uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off", access_log=False)  # fmt: skip
+    config = server_config(create_app(rt), rt.settings, "127.0.0.1", port)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     serving = asyncio.create_task(server.serve())

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 
+from workers import logsafety
 from workers.settings import ConfigError, Settings
 from workers.wiring import STAGES
 
@@ -39,12 +40,16 @@ class JsonFormatter(logging.Formatter):
         for name, value in vars(record).items():
             if name not in _STANDARD_ATTRS and name not in entry:
                 entry[name] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # already redacted (workers/logsafety.py)
+            entry["exc"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(settings: Settings) -> None:
+    logsafety.install()
+    logsafety.register_url_password(settings.database_url)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
@@ -58,12 +63,11 @@ def setup_logging(settings: Settings) -> None:
 
 async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
     from workers.http import create_app
+    from workers.httpserver import server_config
 
     host, port = rt.settings.host_port()
     app = create_app(rt, stages_ready=lambda: dict(supervisor.running))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-    )
+    server = uvicorn.Server(server_config(app, rt.settings, host, port))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     serving = asyncio.create_task(server.serve())
     await stop.wait()
@@ -165,6 +169,9 @@ async def run_agent_add(settings: Settings, username: str, role: str, password: 
         password = getpass.getpass(f"password for {username}: ")
         if password != getpass.getpass("again: "):
             raise ConfigError("the passwords differ")
+    problem = agents.password_problem(password, username)
+    if problem is not None:
+        raise ConfigError(problem)
     async with database_url(settings) as url:
         pool = await create_pool(url, max_size=1)
         try:
@@ -173,7 +180,7 @@ async def run_agent_add(settings: Settings, username: str, role: str, password: 
                 agent_id = await agents.add_agent(conn, username, password, role)
         finally:
             await pool.close()
-    print(f"agent {username} ({role}) saved with id {agent_id}")
+    print(f"agent {username} ({role}) saved with id {agent_id}; any earlier sessions ended")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,8 +224,9 @@ def add_ops_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status.add_argument(
         "--stall-seconds",
         type=float,
-        default=60.0,
-        help="a stage with work waiting and no progress this long is an outage (default 60)",
+        default=None,
+        help="a stage with work waiting and no progress this long is an outage"
+        " (default LOKET_STALL_SECONDS, 120)",
     )
     status.add_argument(
         "--lag-warning", type=int, default=1000, help="warn above this many waiting records"

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ticketing.db import migrations_current
-from workers import api, console, desk, kb_api, webhooks
+from workers import api, console, desk, kb_api, metrics, webhooks
 from workers.ops_api import router as ops_router
 from workers.runtime import Runtime
 
@@ -24,6 +24,10 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
         title="loket",
         summary="Multichannel contact-center pipeline: agents' API and channel webhooks",
         version="0.1.0",
+        # The stock Swagger UI and ReDoc pages load their scripts from a CDN: off. The
+        # OpenAPI document stays at /openapi.json for tools.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = rt
     app.include_router(api.router)
@@ -32,6 +36,7 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(ops_router)
     app.include_router(console.router)
+    app.add_exception_handler(console.Forbidden, console.forbidden_page)
 
     @app.exception_handler(asyncpg.DataError)
     async def value_refused(request: Request, exc: asyncpg.DataError) -> JSONResponse:
@@ -69,8 +74,13 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
             checks["broker"] = False
         if stages_ready is not None:
             checks.update({f"stage:{name}": ok for name, ok in stages_ready().items()})
+        # Records waiting and no commit for LOKET_STALL_SECONDS: the stage is stuck.
+        stalled = metrics.stalled_stages(rt.settings.stall_seconds)
+        checks.update({f"stalled:{name}": False for name in stalled})
         ready = all(checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        waited = {name: round(seconds) for name, seconds in stalled.items()}
+        document = {"ready": ready, "checks": checks, "stalled": waited}
+        return JSONResponse(document, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics_endpoint(request: Request) -> PlainTextResponse:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.logsafety import register_secret, register_secret_fields
 
 
 class ConfigError(Exception):
@@ -33,6 +36,9 @@ class Settings(BaseSettings):
     kafka_idempotence: bool = True
     # Replication of the topics loket creates (3 on a production Kafka cluster).
     kafka_replication: int = 1
+    # Webhook records written to PostgreSQL before the 2xx (ticketing/journal.py): `auto` is
+    # on with the embedded broker, which loses what it holds when it dies, and off with Kafka.
+    inbound_journal: Literal["auto", "on", "off"] = "auto"
     # Where a worker process without the HTTP app serves /metrics, e.g. "0.0.0.0:9100".
     metrics_addr: str | None = None
     log_level: str = "INFO"
@@ -40,6 +46,10 @@ class Settings(BaseSettings):
     # Where providers reach this installation (Kannel DLR callbacks, Twilio status callbacks).
     public_url: str = "http://127.0.0.1:8080"
     max_attachment_bytes: int = 10 * 1024 * 1024
+    # Longer message text is cut at the edge; the full original is attached (channels/budget.py).
+    max_text_chars: int = Field(default=64_000, ge=1_000)
+    # A stage with records waiting and no commit for this long is reported stalled.
+    stall_seconds: float = Field(default=120.0, gt=0)
     # Attempts for a failing message before it goes to the shunt topic.
     max_attempts: int = 3
     # Delivery attempts for a reply before it is marked failed.
@@ -47,6 +57,36 @@ class Settings(BaseSettings):
     followup_days: float = 7.0
     imap_poll_seconds: float = 30.0
     session_hours: float = 12.0
+    # Proxies whose X-Forwarded-For/-Proto count (addresses or networks, comma-separated);
+    # empty: the client address is the TCP peer's, whatever a header says.
+    trusted_proxies: str = ""
+    # A client gets this long for its request headers, then for its body, or is disconnected.
+    http_header_timeout: float = Field(default=10.0, gt=0)
+    http_body_timeout: float = Field(default=30.0, gt=0)
+    # Connections the HTTP server holds at once; more are answered 503 and closed.
+    http_max_connections: int = Field(default=1000, gt=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        # Raised as ConfigError (pydantic passes it through): `loket` names the bad entry.
+        for entry in filter(None, (e.strip() for e in value.split(","))):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"LOKET_TRUSTED_PROXIES: {entry!r} is not an address or a network"
+                ) from exc
+        return value
+
+    def trusted_proxy_list(self) -> list[str]:
+        return [e.strip() for e in self.trusted_proxies.split(",") if e.strip()]
+
+    def journal_inbound(self) -> bool:
+        """Whether webhooks journal what they accept (see `inbound_journal`)."""
+        if self.inbound_journal == "auto":
+            return not self.kafka_bootstrap
+        return self.inbound_journal == "on"
 
     def blobs_path(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
@@ -62,9 +102,12 @@ def resolve_env(value: Any, where: str) -> Any:
         name = value[4:]
         if name not in os.environ:
             raise ConfigError(f"{where}: environment variable {name} is not set")
+        register_secret(os.environ[name])  # what the file keeps out of itself stays out of logs
         return os.environ[name]
     if isinstance(value, dict):
-        return {k: resolve_env(v, f"{where}.{k}") for k, v in value.items()}
+        resolved = {k: resolve_env(v, f"{where}.{k}") for k, v in value.items()}
+        register_secret_fields(resolved)  # a secret written into the file itself, too
+        return resolved
     if isinstance(value, list):
         return [resolve_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
