@@ -68,6 +68,15 @@ class EmbeddedBroker:
                     raise RuntimeError("the embedded broker did not start listening") from None
                 await asyncio.sleep(0.05)
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def restart(self) -> str:
+        """Start a broker again on the same port after this one died; it comes back empty."""
+        self.stop()
+        return await self.start()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

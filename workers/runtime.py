@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from channels.blobs import DiskBlobStore
 from channels.smtp import EmailAccount
 from ticketing.rules import TicketRules
 from workers import bus
+from workers.embedded import EmbeddedBroker
 from workers.settings import Settings, load_channels, other_sections
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ class Runtime:
     )  # what infrastructure this process started
     # How often the broker came back without its topics (an in-memory broker restarted).
     broker_epoch: int = 0
+    # When this process last saw that (time.time()); 0 when it never did.
+    broker_reset_at: float = 0.0
+    # The broker this process started (nothing configured); started again when it dies.
+    embedded_broker: EmbeddedBroker | None = None
 
     def stage_task(
         self,
@@ -71,24 +77,35 @@ class Runtime:
         and groups are gone, and consumers that kept their old positions would skip the
         first messages of the new topics. Stages and pollers restart on a new epoch. The
         marker topic tells: a webhook accepted right after the restart creates its own topic
-        again, but nothing ever creates the marker except `ensure_topics`.
+        again, but nothing ever creates the marker except `ensure_topics`. An embedded broker
+        that died is started again here, and that is a reset whatever the marker says.
         """
+        reset = False
         while not stop.is_set():
             try:
+                broker = self.embedded_broker
+                if broker is not None and not broker.running:
+                    log.warning("the embedded broker stopped; starting it again (empty)")
+                    await broker.restart()
+                    reset = True
                 metadata = await asyncio.wait_for(
                     self.producer.client.fetch_all_metadata(), timeout=5
                 )
-                if bus.MARKER not in metadata.topics():
+                if reset or bus.MARKER not in metadata.topics():
                     await bus.ensure_topics(
                         self.bootstrap, self.settings.partitions, self.settings.kafka_replication
                     )
+                    reset = False
                     self.broker_epoch += 1
+                    self.broker_reset_at = time.time()
                     log.warning(
                         "the broker came back without its topics; recreated them (epoch %d)",
                         self.broker_epoch,
                     )
             except (bus.KafkaError, OSError, TimeoutError) as exc:
                 log.debug("broker watch: %s", exc)
+            except RuntimeError as exc:  # the embedded broker did not come up: try again
+                log.error("broker watch: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ticketing.db import create_pool, migrate
 from workers import bus
 from workers.embedded import EmbeddedBroker, EmbeddedPostgres
+from workers.journal_relay import run_journal_relay
 from workers.relay import run_relay
 from workers.runtime import Runtime, load_accounts, load_rules
 from workers.settings import Settings
@@ -68,6 +69,7 @@ async def open_runtime(
             channels=load_accounts(settings),
             rules=load_rules(settings),
             started=started,
+            embedded_broker=broker,
         )
         try:
             yield rt
@@ -140,7 +142,10 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
     if stage == "receipts":
         return {"receipts": rt.stage_task("receipts", [bus.RECEIPTS], receipts_handler(rt))}
     if stage == "relay":
-        return {"relay": lambda stop: run_relay(rt, stop)}
+        relays: dict[str, StageFactory] = {"relay": lambda stop: run_relay(rt, stop)}
+        if rt.settings.journal_inbound():
+            relays["journal-relay"] = lambda stop: run_journal_relay(rt, stop)
+        return relays
     if stage == "delivery":
         return {
             f"delivery-{channel}": rt.stage_task(
@@ -157,9 +162,14 @@ def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
 
         return ocr_tasks(rt)
     if stage == "scheduler":
+        from workers.ops import watch_stages
         from workers.scheduler import scheduler_tasks
 
-        return scheduler_tasks(rt)
+        async def samples(stop: asyncio.Event) -> None:
+            # Stage samples let `loket status` tell a stalled stage at its first look.
+            await watch_stages(rt.bootstrap, rt.pool, stop, rt.settings.stall_seconds)
+
+        return {**scheduler_tasks(rt), "stage-samples": samples}
     if stage == "kb":
         from workers.kb_suggest import kb_suggest_tasks
 

@@ -1,4 +1,4 @@
-"""Webhook routes: the channel adapter decides, this publishes, and 2xx only after the broker's ack."""
+"""Webhook routes: the adapter decides, this hands over; 2xx once the broker or journal has it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from channels import facebook, kannel, telegram, twilio, twitter
+from channels.budget import fit_raw
 from channels.types import ChannelError, RejectedInput, WebhookOutcome, encoder
-from workers import bus, metrics, ops
+from ticketing import journal
+from workers import bus, journal_relay, metrics, ops
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -64,21 +66,35 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def publish_outcome(rt: Runtime, outcome: WebhookOutcome) -> None:
-    """Publish what the adapter accepted and wait for the broker's acknowledgement."""
+    """Hand over what the adapter accepted.
+
+    With the inbound journal, done once PostgreSQL committed it (the broker gets it right
+    away if it can, else from the journal relay); without, once the broker acknowledged it.
+    """
     now = repr(time.time())
-    records = []
+    entries: list[journal.Entry] = []
     for raw in outcome.messages:
+        fit_raw(raw, rt.blobs, rt.settings.max_text_chars)
         raw.meta.setdefault("accepted_at", now)
-        records.append(bus.Publish(bus.RAW, encoder.encode(raw), raw.key()))
+        natural_key = (raw.channel, raw.account, raw.external_id)
+        entries.append(journal.Entry(bus.RAW, encoder.encode(raw), raw.key(), natural_key))
         metrics.INBOUND.labels(raw.channel, raw.account).inc()
     for receipt in outcome.receipts:
-        records.append(
-            bus.Publish(bus.RECEIPTS, encoder.encode(receipt), (receipt.provider_id or "").encode())
-        )
+        key = (receipt.provider_id or "").encode()
+        entries.append(journal.Entry(bus.RECEIPTS, encoder.encode(receipt), key))
+    if rt.settings.journal_inbound():
+        await journal_relay.accept(rt, entries)
+        return
+    records = [bus.Publish(e.topic, e.value, e.key) for e in entries]
     await asyncio.wait_for(bus.publish_all(rt.producer, records), timeout=10)
 
 
 Handler = Callable[[Any, Request, bytes], Awaitable[WebhookOutcome]]
+
+
+def _refused(kind: str, exc: RejectedInput) -> Response:
+    log.warning("webhook %s refused (%d): %s", kind, exc.status, exc.reason)
+    return Response(exc.reason, status_code=exc.status, media_type="text/plain")
 
 
 async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
@@ -88,14 +104,20 @@ async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
         body = await _read_body(request)
         outcome = await handler(account, request, body)
     except RejectedInput as exc:
-        log.warning("webhook %s refused (%d): %s", kind, exc.status, exc.reason)
-        return Response(exc.reason, status_code=exc.status, media_type="text/plain")
+        return _refused(kind, exc)
     except ChannelError as exc:
         # E.g. an attachment could not be fetched yet: the platform will send it again.
         return Response(exc.reason, status_code=503, media_type="text/plain")
     if outcome.messages or outcome.receipts:
         try:
             await publish_outcome(rt, outcome)
+        except RejectedInput as exc:  # the journal cannot hold it, e.g. a NUL in an id
+            return _refused(kind, exc)
+        except journal_relay.DatabaseUnavailable as exc:
+            log.error("webhook %s: database unavailable, answering 503: %s", kind, exc)
+            return Response(
+                "database unavailable, retry later", status_code=503, media_type="text/plain"
+            )
         except (bus.KafkaError, TimeoutError, OSError) as exc:
             log.error("webhook %s: broker unavailable, answering 503: %s", kind, exc)
             return Response(
@@ -121,8 +143,9 @@ async def facebook_webhook(request: Request) -> Response:
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
         return await facebook.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
-        )
+            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs,
+            max_attachment_bytes=rt.settings.max_attachment_bytes,
+        )  # fmt: skip
 
     return await _dispatch(request, "facebook", handle)
 
@@ -147,8 +170,9 @@ async def telegram_webhook(request: Request) -> Response:
 
     async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
         return await telegram.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
-        )
+            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs,
+            max_attachment_bytes=rt.settings.max_attachment_bytes,
+        )  # fmt: skip
 
     return await _dispatch(request, "telegram", handle)
 
