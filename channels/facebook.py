@@ -30,7 +30,7 @@ from channels.types import (
     WebhookOutcome,
     checked_inbound,
     checked_receipt,
-    plausible_epoch,
+    message_epoch,
 )
 
 CHANNEL = "facebook"
@@ -137,9 +137,13 @@ async def _apply_event(
     sender = str((event.get("sender") or {}).get("id", ""))
     page = str((event.get("recipient") or {}).get("id", ""))
     timestamp = _seconds(event.get("timestamp"))
+    problems: list[str] = []
     if timestamp and ("message" in event or "postback" in event):
-        # The time the person wrote: stored, and it opens the reply window, so it must be real.
-        plausible_epoch(timestamp, "messaging event timestamp", given=event.get("timestamp"))
+        # The time the person wrote: stored, and it opens the reply window, so it must be
+        # real; an implausible one is replaced by the receive time.
+        timestamp = message_epoch(
+            timestamp, "messaging event timestamp", problems, given=event.get("timestamp")
+        )
     if "delivery" in event:
         delivery = event["delivery"] or {}
         at = _seconds(delivery.get("watermark")) or timestamp
@@ -192,6 +196,7 @@ async def _apply_event(
             received_at=timestamp or time.time(),
             body_text=str(message.get("text") or ""),
             meta={"page_id": page, "last_inbound_at": _epoch(timestamp)},
+            problems=problems,
         )
         if isinstance(message.get("reply_to"), dict) and message["reply_to"].get("mid"):
             raw.meta["in_reply_to_external_id"] = str(message["reply_to"]["mid"])
@@ -221,6 +226,7 @@ async def _apply_event(
                     "last_inbound_at": _epoch(timestamp),
                     "postback_payload": str(postback.get("payload") or ""),
                 },
+                problems=problems,
             )
         )
 

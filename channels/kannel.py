@@ -40,7 +40,7 @@ from channels.types import (
     bigint_id,
     checked_inbound,
     checked_receipt,
-    plausible_epoch,
+    message_epoch,
 )
 
 # The secret travels inside URLs that Kannel rewrites (%-escapes), so it must need no escaping.
@@ -115,23 +115,23 @@ def _authenticate(
         raise RejectedInput("missing or wrong secret", status=403)
 
 
-def _parse_ts(value: str | None) -> float | None:
+def _parse_ts(value: str | None, problems: list[str]) -> float | None:
     """Kannel's %T (epoch seconds) or %t (`YYYY-MM-DD HH:MM:SS`, UTC); None when unreadable.
 
-    A readable time outside the plausible window (before 2000, or far ahead) is refused:
-    it would be stored as the message's time and could never be.
+    No possible time (30 nines) is refused; an implausible one (an SMSC clock that is off)
+    becomes the receive time, noted in `problems` (`message_epoch`).
     """
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return plausible_epoch(float(value), "Kannel ts", given=value)
+        return message_epoch(float(value), "Kannel ts", problems, given=value)
     for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
         try:
             parsed = float(calendar.timegm(time.strptime(value, fmt)))
         except ValueError:
             continue
-        return plausible_epoch(parsed, "Kannel ts", given=repr(value))
+        return message_epoch(parsed, "Kannel ts", problems, given=repr(value))
     return None
 
 
@@ -169,7 +169,7 @@ def handle_webhook(
     text = params.get("text", "")
     ts = params.get("ts")
     problems: list[str] = []
-    received_at = _parse_ts(ts)
+    received_at = _parse_ts(ts, problems)
     if received_at is None:
         if ts:
             problems.append(f"unreadable Kannel timestamp {ts!r}")

@@ -40,7 +40,7 @@ from channels.types import (
     RejectedInput,
     WebhookOutcome,
     checked_inbound,
-    epoch_problem,
+    message_epoch,
 )
 
 CHANNEL = "telegram"
@@ -139,7 +139,7 @@ async def handle_webhook(
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError, OSError) as exc:
         # OverflowError and OSError: a date the platform's time_t cannot hold.
         raise RejectedInput(f"not a Telegram Update: {exc!r}", status=400) from exc
-    raw = await _raw_from_update(account, update, blobs, max_attachment_bytes, strict=True)
+    raw = await _raw_from_update(account, update, blobs, max_attachment_bytes)
     return WebhookOutcome(messages=[checked_inbound(raw)] if raw is not None else [])
 
 
@@ -166,7 +166,7 @@ async def poll(
     messages: list[RawInbound] = []
     last = int(cursor) if cursor else None
     for update in updates:
-        raw = await _raw_from_update(account, update, blobs, max_attachment_bytes, strict=False)
+        raw = await _raw_from_update(account, update, blobs, max_attachment_bytes)
         if raw is not None:
             messages.append(raw)
         last = update.update_id if last is None else max(last, update.update_id)
@@ -178,32 +178,18 @@ async def _raw_from_update(
     update: Update,
     blobs: BlobStore | None,
     max_attachment_bytes: int,
-    *,
-    strict: bool,
 ) -> RawInbound | None:
-    """The Update as a RawInbound; a message time outside the plausible window is refused
-    (`strict`, a webhook: Telegram is told 400) or replaced by the receive time (a poll,
-    which has nobody to refuse to and must not stall on one Update)."""
+    """The Update as a RawInbound; a message date outside the plausible window (a date no
+    datetime holds never gets this far: the Update is refused) is replaced by the receive
+    time, noted for the agent."""
     message = update.message or update.edited_message or update.business_message
     if message is None:
         return None  # callback queries, polls, member changes: nothing for a ticket
     now = time.time()
     problems: list[str] = []
-    received_at = message.date.timestamp() if message.date else now
-    for what, moment in (("date", message.date), ("edit_date", message.edit_date)):
-        if moment is None:
-            continue
-        seconds = moment.timestamp()
-        problem = epoch_problem(seconds, now=now)
-        if problem is None:
-            continue
-        if strict:
-            raise RejectedInput(
-                f"message {what} {int(seconds)} is not a plausible time: {problem}", status=400
-            )
-        if what == "date":
-            problems.append(f"message date {int(seconds)} {problem}: receive time used")
-            received_at = now
+    received_at = now
+    if message.date is not None:
+        received_at = message_epoch(message.date.timestamp(), "message date", problems, now=now)
     user = message.from_user
     sender = str(user.id) if user else str(message.chat.id)
     external_id = f"{message.chat.id}:{message.message_id}"

@@ -28,7 +28,7 @@ from channels.types import (
     WebhookOutcome,
     checked_inbound,
     epoch_problem,
-    plausible_epoch,
+    impossible_epoch,
 )
 
 CHANNEL = "twitter"
@@ -212,7 +212,8 @@ def _media_not_fetched(url: str, fallback: str) -> AttachmentRef:
 def _millis(value: Any, what: str) -> float:
     """An Account Activity time in milliseconds (number or digit string) as seconds.
 
-    Absent, it is the receive time; present, it must be a plausible time, else RejectedInput.
+    Absent, it is the receive time; present, it must be a possible time, else RejectedInput
+    (an implausible one becomes the receive time in `checked_inbound`).
     """
     if value is None or value == "":
         return time.time()
@@ -222,7 +223,11 @@ def _millis(value: Any, what: str) -> float:
         seconds = float(value) / 1000.0
     except ValueError:
         raise RejectedInput(f"{what} {str(value)[:30]!r} is not a number", status=400) from None
-    return plausible_epoch(seconds, what, given=value)
+    impossible = impossible_epoch(seconds)
+    if impossible is not None:
+        shown = str(value)[:40]
+        raise RejectedInput(f"{what} {shown} is not a possible time: {impossible}", status=400)
+    return seconds
 
 
 def _iso(value: Any, problems: list[str]) -> float:

@@ -205,6 +205,8 @@ class RejectedInput(Exception):
 EARLIEST_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z: no channel we speak dates from before
 # Provider clocks (and SMSCs that report local time as UTC) may run some hours ahead of ours.
 FUTURE_SLACK_SECONDS = 24 * 3600.0
+# 0001-01-01 to 9999-12-30 (a day short of datetime's end, so any time zone can show it).
+EPOCH_RANGE = (-62_135_596_800.0, 253_402_214_400.0)
 BIGINT_MAX = 2**63 - 1  # PostgreSQL bigint, the type of every id column
 # (channel, account, external_id) and an identity's (kind, value) are unique btree keys, and
 # a btree entry holds at most about 2,700 bytes: these bounds keep a key well inside that.
@@ -225,18 +227,41 @@ def epoch_problem(seconds: float, *, now: float | None = None) -> str | None:
     return None
 
 
-def plausible_epoch(
-    seconds: float, what: str, *, given: object = None, now: float | None = None
-) -> float:
-    """`seconds` when it is a plausible message time, else RejectedInput (400) naming `what`.
+def impossible_epoch(seconds: float) -> str | None:
+    """Why `seconds` is no time any clock could give (not finite, outside the years 1 to 9999,
+    what every stage's datetime spans), or None."""
+    if not math.isfinite(seconds):
+        return "not a finite number"
+    if not EPOCH_RANGE[0] <= seconds <= EPOCH_RANGE[1]:
+        return "outside the years 1 to 9999"
+    return None
 
-    `given` is the value as the provider wrote it (milliseconds, text), for the reason.
+
+def message_epoch(
+    seconds: float,
+    what: str,
+    problems: list[str],
+    *,
+    given: object = None,
+    now: float | None = None,
+) -> float:
+    """`seconds` as a message's time.
+
+    No time at all (NaN, 30 nines) is RejectedInput (400) naming `what`: a broken integration,
+    not a clock. A possible but implausible one (an SMSC clock left at 1970, a provider some
+    days ahead) keeps the message with the receive time instead, noted in `problems`: the
+    message is worth more than its time. `given` is the value as the provider wrote it.
     """
-    problem = epoch_problem(seconds, now=now)
-    if problem is not None:
-        shown = str(seconds if given is None else given)[:40]
-        raise RejectedInput(f"{what} {shown} is not a plausible time: {problem}", status=400)
-    return seconds
+    shown = str(seconds if given is None else given)[:40]
+    impossible = impossible_epoch(seconds)
+    if impossible is not None:
+        raise RejectedInput(f"{what} {shown} is not a possible time: {impossible}", status=400)
+    current = time.time() if now is None else now
+    implausible = epoch_problem(seconds, now=current)
+    if implausible is None:
+        return seconds
+    problems.append(f"{what} {shown} is {implausible}: the receive time is used")
+    return current
 
 
 def bigint_id(text: str, what: str) -> int:
@@ -261,8 +286,9 @@ def _without_nul(values: dict[str, str]) -> tuple[dict[str, str], bool]:
 def checked_inbound(raw: RawInbound, *, now: float | None = None) -> RawInbound:
     """Refuse (RejectedInput, 400) a message whose key or time can never be stored.
 
-    NUL characters, which PostgreSQL text and jsonb cannot hold, are removed from the
-    meta and header values (the normalizer does the same for the text fields) and noted.
+    An implausible time is replaced by the receive time (`message_epoch`). NUL characters,
+    which PostgreSQL text and jsonb cannot hold, are removed from the meta and header values
+    (the normalizer does the same for the text fields) and noted.
     """
     if not raw.external_id or len(raw.external_id) > MAX_EXTERNAL_ID_CHARS:
         raise RejectedInput(
@@ -272,7 +298,7 @@ def checked_inbound(raw: RawInbound, *, now: float | None = None) -> RawInbound:
         raise RejectedInput("message id contains a NUL character", status=400)
     if len(raw.sender) > MAX_SENDER_CHARS:
         raise RejectedInput(f"sender is longer than {MAX_SENDER_CHARS} characters", status=400)
-    plausible_epoch(raw.received_at, "message time", now=now)
+    raw.received_at = message_epoch(raw.received_at, "message time", raw.problems, now=now)
     raw.meta, meta_changed = _without_nul(raw.meta)
     raw.headers, headers_changed = _without_nul(raw.headers)
     attachments_changed = False

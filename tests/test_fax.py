@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +201,36 @@ def test_long_reply_spans_pages() -> None:
     reader = PdfReader(io.BytesIO(fax.render_reply_pdf(reply, ticket_id=7, title="Balasan")))
     assert len(reader.pages) >= 3
     assert "Baris 119" in reader.pages[-1].extract_text()
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_recognized_pages_over_the_text_budget_are_cut_with_the_full_text_attached(
+    tmp_path: Path,
+) -> None:
+    """The OCR stage adds text after the edge's budget was applied: it applies it again."""
+    from types import SimpleNamespace
+
+    from channels.blobs import DiskBlobStore
+    from channels.budget import TEXT_CUT_META, TEXT_FILENAME
+    from channels.types import AttachmentRef, RawInbound
+    from workers.settings import Settings
+    from workers.wire_fax import recognize
+
+    line = "Laporan gangguan jaringan internet di sekolah sejak hari Senin pagi"
+    pdf = faxgen.text_pdf(((line,) * 30,))  # one full page, about 2,000 characters
+    blobs = DiskBlobStore(tmp_path / "blobs")
+    page = AttachmentRef(filename="fax.pdf", content_type="application/pdf", size=len(pdf),
+                         sha256=blobs.put(pdf))  # fmt: skip
+    raw = RawInbound(channel="fax", account="fax-main", external_id="<f1@x>",
+                     sender="+62215551234", body_text="Sampul", attachments=[page])  # fmt: skip
+    rt = SimpleNamespace(blobs=blobs, settings=Settings(max_text_chars=1000))
+
+    raw = asyncio.run(recognize(rt, raw, ("ind", "eng")))  # type: ignore[arg-type]
+
+    assert int(raw.meta[TEXT_CUT_META]) > 1500, raw.meta
+    assert "message cut" in raw.body_text and len(raw.body_text) < 1200
+    original = next(a for a in raw.attachments if a.filename == TEXT_FILENAME)
+    full = blobs.get(original.sha256).decode()
+    assert full.startswith("Sampul") and full.count("jaringan") >= 25
+    assert any(problem.startswith("text cut") for problem in raw.problems)

@@ -79,12 +79,19 @@ def same_answers(responses: list[httpx.Response], status: int) -> None:
 def test_three_simultaneous_tickets_with_one_key_open_one(agent: httpx.Client, pg_url: str) -> None:
     caller = new_caller(agent)
     once = key()
-    body = {"caller_id": caller["id"], "channel": "phone", "subject": "Dapodik", "body": "Gagal sinkron."}
+    body = {
+        "caller_id": caller["id"],
+        "channel": "phone",
+        "subject": "Dapodik",
+        "body": "Gagal sinkron.",
+    }
     answers = at_once(
         agent, 3, lambda c: c.post("/api/tickets", json=body, headers={"Idempotency-Key": once}),
     )  # fmt: skip
     same_answers(answers, 201)
-    assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
+    assert (
+        db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
+    )
     assert answers[0].json()["caller_id"] == caller["id"]
     # Later, the key and the same body (other spacing and key order) still answer the first ticket.
     again = agent.post(
@@ -109,8 +116,13 @@ def test_same_key_with_another_body_is_refused(agent: httpx.Client, pg_url: str)
     elsewhere = agent.post(f"/api/tickets/{first.json()['id']}/transitions", json={"action": "pend"},
                            headers={"Idempotency-Key": once})  # fmt: skip
     assert elsewhere.status_code == 409, elsewhere.text
-    assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
-    assert db.fetchval(pg_url, "SELECT status FROM tickets WHERE id = $1", first.json()["id"]) == "open"
+    assert (
+        db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
+    )
+    assert (
+        db.fetchval(pg_url, "SELECT status FROM tickets WHERE id = $1", first.json()["id"])
+        == "open"
+    )
 
 
 def test_without_a_key_nothing_changes(agent: httpx.Client, pg_url: str) -> None:
@@ -120,7 +132,9 @@ def test_without_a_key_nothing_changes(agent: httpx.Client, pg_url: str) -> None
     assert (first.status_code, second.status_code) == (201, 201)
     assert first.json()["id"] != second.json()["id"]
     assert idempotency.REPLAYED_HEADER not in second.headers
-    assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 2
+    assert (
+        db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 2
+    )
     pended = agent.post(f"/api/tickets/{first.json()['id']}/transitions", json={"action": "pend"})
     assert pended.status_code == 200 and pended.json()["status"] == "pending"
     again = agent.post(f"/api/tickets/{first.json()['id']}/transitions", json={"action": "pend"})
@@ -179,7 +193,10 @@ def test_simultaneous_registrations_with_one_key_make_one_caller(
     assert [h["caller_id"] for h in holders] == [answers[0].json()["id"]]
     # Without the key, the repeat is a second registration and the address is taken: 409.
     taken = agent.post("/api/callers", json={"name": "Pak Satu Kali", "email": email})
-    assert taken.status_code == 409 and taken.json()["detail"]["caller"]["id"] == answers[0].json()["id"]
+    assert (
+        taken.status_code == 409
+        and taken.json()["detail"]["caller"]["id"] == answers[0].json()["id"]
+    )
 
 
 def test_a_refusal_is_answered_again_and_changes_nothing(agent: httpx.Client, pg_url: str) -> None:
@@ -213,21 +230,28 @@ def test_malformed_keys_are_400_and_anonymous_calls_still_401(
 ) -> None:
     caller = new_caller(agent)
     body = {"caller_id": caller["id"], "body": "Kunci yang salah."}
-    for bad in ("", "x" * 256, "dua kata", "a,b", "kunci;1", "\"unterminated", "é".encode()):
+    for bad in ("", "x" * 256, "dua kata", "a,b", "kunci;1", '"unterminated', "é".encode()):
         response = agent.post("/api/tickets", json=body, headers={"Idempotency-Key": bad})
         assert response.status_code == 400, (bad, response.status_code, response.text)
     twice = agent.post("/api/tickets", json=body,
                        headers=[("Idempotency-Key", "satu"), ("Idempotency-Key", "dua")])  # fmt: skip
     assert twice.status_code == 400, twice.text
-    assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 0
+    assert (
+        db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 0
+    )
     # The longest key, and a structured-field string in quotes, which is the same key unquoted.
     longest = "k" * 255
-    assert agent.post("/api/tickets", json=body, headers={"Idempotency-Key": longest}).status_code == 201
+    assert (
+        agent.post("/api/tickets", json=body, headers={"Idempotency-Key": longest}).status_code
+        == 201
+    )
     quoted = key()
     first = agent.post("/api/tickets", json=body, headers={"Idempotency-Key": f'"{quoted}"'})
     second = agent.post("/api/tickets", json=body, headers={"Idempotency-Key": quoted})
     assert first.status_code == 201 and second.content == first.content
-    anonymous = httpx.post(f"{stack.url}/api/tickets", json=body, headers={"Idempotency-Key": "x y"})
+    anonymous = httpx.post(
+        f"{stack.url}/api/tickets", json=body, headers={"Idempotency-Key": "x y"}
+    )
     assert anonymous.status_code == 401
 
 
@@ -286,7 +310,9 @@ async def test_a_request_waits_for_the_one_holding_its_key(
             assert done.status_code == 201 and done.json()["caller_id"] == caller["id"], done.text
         finally:
             await holder.close()
-    assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
+    assert (
+        db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE caller_id = $1", caller["id"]) == 1
+    )
 
 
 def test_keys_expire_after_24_hours_and_are_pruned(agent: httpx.Client, pg_url: str) -> None:
@@ -333,16 +359,22 @@ def console(stack: LoketStack) -> httpx.Client:
     client = httpx.Client(base_url=stack.url, timeout=30)
     client.get("/login")
     csrf = client.cookies["loket_csrf"]
-    logged_in = client.post("/login", data={"username": username, "password": password, "csrf": csrf})
+    logged_in = client.post(
+        "/login", data={"username": username, "password": password, "csrf": csrf}
+    )
     assert logged_in.status_code == 303, logged_in.text
     return client
 
 
 def form_fields(html: str, action: str, occurrence: int = 0) -> dict[str, str]:
     """The hidden fields of the `occurrence`-th form posting to `action`."""
-    forms = re.findall(rf'<form method="post" action="{re.escape(action)}"[^>]*>(.*?)</form>', html, re.S)
+    forms = re.findall(
+        rf'<form method="post" action="{re.escape(action)}"[^>]*>(.*?)</form>', html, re.S
+    )
     assert len(forms) > occurrence, f"no form for {action}"
-    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', forms[occurrence]))
+    return dict(
+        re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', forms[occurrence])
+    )
 
 
 def posted_together(client: httpx.Client, path: str, data: dict[str, str], count: int = 2

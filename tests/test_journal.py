@@ -27,7 +27,12 @@ from workers.runtime import Runtime
 from workers.settings import Settings
 
 RULES = TicketRules(followup_window=timedelta(days=7))
-NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def now() -> datetime:
+    """The test's own clock reading: a module-level one goes stale in a long run."""
+    return datetime.now(UTC)
 
 
 @pytest.fixture(scope="module")
@@ -124,34 +129,36 @@ async def test_append_keeps_order_and_natural_keys(conn: asyncpg.Connection) -> 
     assert rows[1]["external_id"] is None and all(r["published_at"] is None for r in rows)
 
 
-async def test_unpublished_rows_are_due_oldest_first_once_settled(conn: asyncpg.Connection) -> None:
+async def test_unpublished_rows_are_due_oldest_first_once_settled(
+    conn: asyncpg.Connection, now: datetime
+) -> None:
     ids = await journal.append(conn, [entry_of(sms()) for _ in range(3)])
     async with conn.transaction():
         fresh = await lock_due(conn, settle_seconds=60)
     assert fresh == []  # still in the hands of the webhooks that wrote them
     assert await due_ids(conn) == ids
-    await journal.mark_published(conn, ids[:2], NOW)
+    await journal.mark_published(conn, ids[:2], now)
     assert await due_ids(conn) == ids[2:]
 
 
 async def test_rows_published_before_a_broker_reset_are_due_again(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, now: datetime
 ) -> None:
     before, after = await journal.append(conn, [entry_of(sms()), entry_of(sms())])
-    await journal.mark_published(conn, [before], NOW - timedelta(seconds=5))
-    await journal.mark_published(conn, [after], NOW + timedelta(seconds=1))
-    assert await due_ids(conn, reset_at=NOW) == [before]
+    await journal.mark_published(conn, [before], now - timedelta(seconds=5))
+    await journal.mark_published(conn, [after], now + timedelta(seconds=1))
+    assert await due_ids(conn, reset_at=now) == [before]
     # A late mark from an earlier publish does not hide a later one.
-    await journal.mark_published(conn, [after], NOW - timedelta(seconds=10))
-    assert await due_ids(conn, reset_at=NOW) == [before]
+    await journal.mark_published(conn, [after], now - timedelta(seconds=10))
+    assert await due_ids(conn, reset_at=now) == [before]
 
 
 async def test_an_acknowledged_message_not_stored_is_published_again_ever_more_rarely(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, now: datetime
 ) -> None:
     (message,) = await journal.append(conn, [entry_of(sms())])
     (receipt,) = await journal.append(conn, [receipt_entry()])
-    published = NOW
+    published = now
     await journal.mark_published(conn, [message, receipt], published)
     # Due a minute after the first publish, two after the second, four after the third.
     for wait in (1, 2, 4):
@@ -175,22 +182,22 @@ async def test_due_rows_locked_by_one_relay_are_skipped_by_another(pool: asyncpg
 
 
 async def test_prune_removes_stored_messages_old_receipts_and_long_shunted_ones(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, now: datetime
 ) -> None:
     stored, waiting, shunted = sms(), sms(), sms()
     ids = await journal.append(
         conn, [entry_of(stored), entry_of(waiting), entry_of(shunted), receipt_entry(), receipt_entry()]
     )  # fmt: skip
-    await journal.mark_published(conn, ids[:2], NOW)
-    await journal.mark_published(conn, [ids[3]], NOW - timedelta(hours=30))
-    await journal.mark_published(conn, [ids[2]], NOW - timedelta(hours=1))
+    await journal.mark_published(conn, ids[:2], now)
+    await journal.mark_published(conn, [ids[3]], now - timedelta(hours=30))
+    await journal.mark_published(conn, [ids[2]], now - timedelta(hours=1))
     await conn.execute(
         "UPDATE inbound_journal SET created_at = now() - interval '30 hours' WHERE id = $1", ids[2]
     )
     await store(conn, stored)
 
     pruned = await journal.prune(
-        conn, receipts_before=NOW - timedelta(minutes=10), abandon_before=NOW - timedelta(hours=24)
+        conn, receipts_before=now - timedelta(minutes=10), abandon_before=now - timedelta(hours=24)
     )
 
     assert (pruned.stored, pruned.receipts) == (1, 1)

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiokafka.structs import ConsumerRecord
 
+from channels.budget import fit_raw
 from channels.email import reply_subject
 from channels.fax import FaxAccount, fax_number, gateway_recipient, ocr_pages, render_reply_pdf
 from channels.smtp import EmailAccount, send_message
@@ -167,6 +168,8 @@ async def recognize(rt: Runtime, raw: RawInbound, languages: Sequence[str]) -> R
     raw.meta["ocr_pages"] = str(pages)
     if pages:
         raw.meta["ocr_seconds_per_page"] = f"{seconds / pages:.3f}"
+    # Recognised pages can be far longer than the mail was: the same budget as at the edge.
+    fit_raw(raw, rt.blobs, rt.settings.max_text_chars)
     return raw
 
 

@@ -145,7 +145,9 @@ class GraphServer(PlatformServer):
         return web.Response(body=data, content_type=content_type)
 
     async def _cdn_redirect(self, request: web.Request) -> web.Response:
-        return web.Response(status=302, headers={"Location": self.redirects[request.match_info["name"]]})
+        return web.Response(
+            status=302, headers={"Location": self.redirects[request.match_info["name"]]}
+        )
 
     async def _cdn_stream(self, request: web.Request) -> web.StreamResponse:
         """`streams[name]` bytes without a Content-Length, counting what was sent."""
