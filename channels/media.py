@@ -120,10 +120,35 @@ def url_problem(url: httpx.URL, hosts: Iterable[HostRule]) -> str | None:
     return None
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it through a
+# translator: NAT64 (RFC 6052, RFC 8215) and the deprecated IPv4-compatible form.
+_NAT64_PREFIXES = tuple(ipaddress.IPv6Network(p) for p in ("64:ff9b::/96", "64:ff9b:1::/48"))
+_IPV4_TAIL_PREFIXES = (*_NAT64_PREFIXES, ipaddress.IPv6Network("::/96"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: mapped, 6to4, Teredo, NAT64, compatible."""
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if int(address) > 1 and any(address in prefix for prefix in _IPV4_TAIL_PREFIXES):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
+
+
 def address_problem(address: Address) -> str | None:
-    """Why a resolved address is no place to fetch media from, or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Why a resolved address is no place to fetch media from, or None for a public one.
+
+    An IPv6 address that tunnels or translates to an IPv4 one is judged by that one too:
+    2002:7f00:1:: (6to4) leads to 127.0.0.1 as surely as 127.0.0.1 does.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        for inner in _embedded_ipv4(address):
+            problem = address_problem(inner)
+            if problem:
+                return f"{address} leads to {inner}, and {problem}"
+        if any(address in prefix for prefix in _NAT64_PREFIXES):
+            return None  # a DNS64 answer for a public address (an IPv6-only network)
+        if address.is_site_local:
+            return f"{address} is a site-local address"
     if address.is_loopback:
         return f"{address} is a loopback address"
     if address.is_link_local:
@@ -138,13 +163,28 @@ def address_problem(address: Address) -> str | None:
     return None
 
 
+def trusted_exactly(host: str, port: int, hosts: Iterable[HostRule]) -> bool:
+    """Whether an entry names this exact address, or this host with this port.
+
+    Such an entry is the operator pointing at one place (a local platform, an internal
+    mirror on its port) and is connected to as written. A bare name entry ("fbcdn.net")
+    only says whose media to take: what it resolves to is checked like any other name, so
+    a name that starts resolving to 127.0.0.1 reaches nothing inside.
+    """
+    host = host.lower().rstrip(".")
+    return any(
+        rule.host == host and rule.port in (None, port) and (rule.is_address or rule.port)
+        for rule in hosts
+    )
+
+
 async def vetted_address(host: str, port: int, hosts: tuple[HostRule, ...]) -> str:
     """The address to connect to for `host`: resolved once and checked, so what is checked is what is used.
 
-    An exactly listed host is taken as the operator wrote it (a local test platform, an
-    internal mirror); any other host must resolve to public addresses only.
+    An exactly listed address or host:port is taken as the operator wrote it
+    (`trusted_exactly`); any other host must resolve to public addresses only.
     """
-    if listed_exactly(host, port, hosts):
+    if trusted_exactly(host, port, hosts):
         return host
     literal = _address(host)
     if literal is not None:

@@ -100,6 +100,15 @@ def test_exact_entries_allow_loopback_only_on_their_port() -> None:
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
         ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
+        ("2002:9df0:101::1", True),  # 6to4 of a public address
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo to 127.0.0.1
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a00:5", False),  # NAT64 of 10.0.0.5
+        ("64:ff9b::9df0:101", True),  # NAT64 of a public address
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_address_problem(address: str, public: bool) -> None:
@@ -131,16 +140,25 @@ async def test_vetted_address_checks_every_resolved_address(
             "rebind.fbcdn.net": ["157.240.1.1", "127.0.0.1"],
             "meta.fbcdn.net": ["169.254.169.254"],
             "media.internal": ["10.0.0.5"],
+            "mirror.internal": ["10.0.0.6"],
+            "tunnel.fbcdn.net": ["2002:7f00:1::1"],
         },
     )
-    rules = (*FB_HOSTS, media.HostRule("media.internal"))
+    rules = (*FB_HOSTS, media.HostRule("media.internal"), media.HostRule("mirror.internal", 443))
     assert await media.vetted_address("scontent.fbcdn.net", 443, rules) == "157.240.1.1"
     with pytest.raises(media.MediaRefused, match="127.0.0.1, and 127.0.0.1 is a loopback"):
         await media.vetted_address("rebind.fbcdn.net", 443, rules)
     with pytest.raises(media.MediaRefused, match="link-local"):
         await media.vetted_address("meta.fbcdn.net", 443, rules)
-    # Listed exactly: the operator's word, resolved by the connection itself.
-    assert await media.vetted_address("media.internal", 443, rules) == "media.internal"
+    with pytest.raises(media.MediaRefused, match="leads to 127.0.0.1, and 127.0.0.1 is a loopback"):
+        await media.vetted_address("tunnel.fbcdn.net", 443, rules)
+    # A bare name says whose media to take, not where: what it resolves to is checked.
+    with pytest.raises(media.MediaRefused, match="10.0.0.5 is a private address"):
+        await media.vetted_address("media.internal", 443, rules)
+    # Host and port listed: the operator's word, resolved by the connection itself.
+    assert await media.vetted_address("mirror.internal", 443, rules) == "mirror.internal"
+    with pytest.raises(media.MediaRefused, match="private"):
+        await media.vetted_address("mirror.internal", 8443, rules)
 
 
 async def test_a_cdn_name_resolving_to_loopback_is_never_connected(
