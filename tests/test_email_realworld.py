@@ -304,5 +304,12 @@ def test_real_world_mails_through_dovecot_become_readable_tickets(
         page = console.get(f"/tickets/{row['ticket_id']}")
         assert page.status_code == 200, name
         assert ('id="no-reply-address"' in page.text) == (not sender), name
+        if not sender:  # nowhere to send an answer: the agent is told, nothing is queued
+            refused = agent.post(f"/api/tickets/{row['ticket_id']}/replies", json={"body": "Baik."})
+            assert refused.status_code == 422 and "no reply address" in refused.text, refused.text
+            assert not db.fetchval(
+                pg_url, "SELECT count(*) FROM messages WHERE ticket_id = $1 AND direction = 'out'",
+                row["ticket_id"],
+            )  # fmt: skip
         assert html.escape(subject, quote=False) in page.text, name
     console.close()

@@ -333,6 +333,13 @@ def test_poisoned_message_is_shunted_and_the_partition_flows(ops: OpsStack) -> N
     traced = ops.loket("trace", poison.trace_id, "--json")
     assert traced.returncode == 0, traced.stderr
     assert [h["hop"] for h in json.loads(traced.stdout)["hops"]] == ["shunted"]
+    # Through the API the error is for those who may read the shunt; an agent sees the hop only.
+    manager_hops = ops.stack.client(role="manager").get(f"/api/ops/trace/{poison.trace_id}")
+    agent_hops = ops.stack.client(role="agent").get(f"/api/ops/trace/{poison.trace_id}")
+    [for_manager], [for_agent] = manager_hops.json()["hops"], agent_hops.json()["hops"]
+    assert entry["error"][:40] in for_manager["detail"], for_manager
+    assert for_agent["hop"] == "shunted" and "3 attempt(s) (shunt record" in for_agent["detail"]
+    assert entry["error"][:40] not in for_agent["detail"]
 
 
 def test_replay_after_the_fix_stores_exactly_once(ops: OpsStack) -> None:

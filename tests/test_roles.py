@@ -65,6 +65,55 @@ def test_every_api_route_names_its_permission() -> None:
     assert not unguarded, f"routes without require(permission): {unguarded}"
 
 
+# Console routes before a login: the login form, leaving, the language switch, static files.
+CONSOLE_OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"),
+                ("GET", "/static/{name}")}  # fmt: skip
+_CHECKS = re.compile(r"await _(?:login_required|session_agent)\(request, \"([a-z_.]+)\"\)")
+
+
+def console_routes() -> dict[tuple[str, str], Callable[..., object]]:
+    from workers import console
+
+    return {
+        (method, route.path): route.endpoint  # type: ignore[attr-defined]
+        for route in console.router.routes
+        for method in route.methods  # type: ignore[attr-defined]
+    }
+
+
+def test_every_console_route_checks_a_permission_of_the_matrix() -> None:
+    import inspect
+
+    unchecked, unknown = [], []
+    for key, endpoint in console_routes().items():
+        named = _CHECKS.findall(inspect.getsource(endpoint))
+        if key in CONSOLE_OPEN:
+            assert not named, f"{key} is open and yet checks {named}"
+        elif not named:
+            unchecked.append(key)
+        unknown += [(key, name) for name in named if name not in roles.PERMISSIONS]
+    assert not unchecked, f"console routes that check no permission: {unchecked}"
+    assert not unknown, unknown
+    assert len(console_routes()) > len(CONSOLE_OPEN) + 10  # the routes were found at all
+
+
+def test_no_console_route_answers_before_a_login(stack: LoketStack) -> None:
+    anonymous = httpx.Client(base_url=stack.url, timeout=30)
+    anonymous.get("/login")
+    csrf = anonymous.cookies["loket_csrf"]
+    answers = {}
+    for method, path in console_routes():
+        if (method, path) in CONSOLE_OPEN:
+            continue
+        url = re.sub(r"\{[a-z_]+\}", "1", path)
+        response = anonymous.request(method, url, data={"csrf": csrf} if method == "POST" else None)
+        answers[(method, path)] = response.status_code
+        if response.status_code == 303:
+            assert response.headers["location"].startswith("/login?next="), (path, response.headers)
+    # A page sends the browser to the login form; what a page fetches (a stream, a file) is 401.
+    assert set(answers.values()) <= {303, 401}, answers
+
+
 # --- through the running API ---------------------------------------------------------------
 
 

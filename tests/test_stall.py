@@ -60,6 +60,18 @@ def test_a_restart_on_the_same_record_keeps_counting() -> None:
     assert progress.waiting_seconds(now=50.0) == 50.0
 
 
+def test_a_record_done_inside_a_long_batch_is_progress() -> None:
+    progress = StageProgress("ocr")
+    progress.started("p0", 3, now=0.0)
+    progress.started("p1", 8, now=0.0)
+    progress.working(now=100.0)  # one fax of the batch recognised; nothing committed yet
+    assert progress.waiting_seconds(now=130.0) == 30.0
+    progress.committed("p0", 5, highwater=5, now=140.0)
+    progress.working(now=150.0)  # an idle partition stays idle
+    assert progress.partitions["p0"].waiting_since is None
+    assert progress.waiting_seconds(now=160.0) == 10.0
+
+
 def test_partitions_moved_elsewhere_are_forgotten() -> None:
     progress = StageProgress("t")
     progress.started("p0", 0, now=0.0)

@@ -50,6 +50,11 @@ MAX_RECORD_BYTES = 1024 * 1024
 MAX_SHUNT_BYTES = 900 * 1024
 # Producer errors that say a record can never be written, whatever the broker's state: the
 # record that produced it is shunted at once, never waited for like an outage.
+TOO_LARGE_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+)
 UNWRITABLE_ERRORS: tuple[type[KafkaError], ...] = (
     MessageSizeTooLargeError,
     RecordTooLargeError,

@@ -107,6 +107,13 @@ class StageProgress:
         elif known.waiting_since is None:
             known.waiting_since = time.monotonic() if now is None else now
 
+    def working(self, now: float | None = None) -> None:
+        """A record of the batch in hand is done (the batch commits later): not a stall."""
+        now = time.monotonic() if now is None else now
+        for known in self.partitions.values():
+            if known.waiting_since is not None:
+                known.waiting_since = now
+
     def keep_only(self, assigned: Any) -> None:
         """Forget partitions this process no longer holds (another member has them)."""
         for tp in [tp for tp in self.partitions if tp not in assigned]:

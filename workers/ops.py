@@ -779,9 +779,17 @@ def _epoch(value: Any) -> datetime | None:
 
 
 async def trace(
-    conn: asyncpg.Connection, ident: str, shunt: list[ShuntEntry] | None = None
+    conn: asyncpg.Connection,
+    ident: str,
+    shunt: list[ShuntEntry] | None = None,
+    *,
+    shunt_errors: bool = True,
 ) -> Trace:
-    """The path of one message (trace id or message id): received, matched, ticketed, replies and their delivery."""
+    """The path of one message (trace id or message id): received, matched, ticketed, replies and their delivery.
+
+    A shunted hop gives the stage's error only with `shunt_errors`: it may quote the record
+    (an address, a text) and internals, which are for those who may read the shunt.
+    """
     result = Trace(query=ident)
     message = None
     if ident.isdigit() and len(ident) < 19:
@@ -803,10 +811,11 @@ async def trace(
         record = entry.record
         if record is None or not (record.trace_id == (result.trace_id or ident)):
             continue
+        why = f": {record.error}" if shunt_errors else ""
         result.hops.append(Hop(
             "shunted", _epoch(record.at),
             f"stage {record.stage} gave up on {record.topic}@{record.partition}:{record.offset} after"
-            f" {record.attempts} attempt(s): {record.error} (shunt record {entry.id})",
+            f" {record.attempts} attempt(s){why} (shunt record {entry.id})",
         ))  # fmt: skip
         if entry.replayed_at is not None:
             result.hops.append(

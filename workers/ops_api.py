@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
+from ticketing import roles
 from workers import ops
 from workers.api import CurrentAgent, require
 from workers.runtime import Runtime
@@ -39,11 +40,15 @@ async def summary(request: Request, agent: CurrentAgent) -> dict[str, Any]:
 
 @router.get("/trace/{ident}", dependencies=[require("ops.read")])
 async def trace(ident: str, request: Request, agent: CurrentAgent) -> dict[str, Any]:
-    """The path of a message, by trace id or message id; 404 when nothing carries that id."""
+    """The path of a message, by trace id or message id; 404 when nothing carries that id.
+
+    A shunted hop names the stage's error only for a role that may read the shunt.
+    """
     rt = _runtime(request)
+    errors = roles.allows(agent.role, "ops.shunt")
     async with rt.pool.acquire() as conn:
         entries = await ops.shunt_entries(rt.bootstrap, conn)
-        found = await ops.trace(conn, ident, entries)
+        found = await ops.trace(conn, ident, entries, shunt_errors=errors)
     if not found.hops:
         raise HTTPException(404, f"no stored message and no shunted record carries {ident}")
     return found.as_json()

@@ -82,11 +82,18 @@ async def publish_outcome(rt: Runtime, outcome: WebhookOutcome) -> None:
     for receipt in outcome.receipts:
         key = (receipt.provider_id or "").encode()
         entries.append(journal.Entry(bus.RECEIPTS, encoder.encode(receipt), key))
-    if rt.settings.journal_inbound():
-        await journal_relay.accept(rt, entries)
-        return
-    records = [bus.Publish(e.topic, e.value, e.key) for e in entries]
-    await asyncio.wait_for(bus.publish_all(rt.producer, records), timeout=10)
+    try:
+        if rt.settings.journal_inbound():
+            await journal_relay.accept(rt, entries)
+            return
+        records = [bus.Publish(e.topic, e.value, e.key) for e in entries]
+        await asyncio.wait_for(bus.publish_all(rt.producer, records), timeout=10)
+    except bus.UNWRITABLE_ERRORS as exc:
+        # Never an outage: the same request would be refused again, so say so for good.
+        status = 413 if isinstance(exc, bus.TOO_LARGE_ERRORS) else 400
+        raise RejectedInput(
+            f"cannot be stored: the broker refuses it ({exc})", status=status
+        ) from exc
 
 
 Handler = Callable[[Any, Request, bytes], Awaitable[WebhookOutcome]]
@@ -111,7 +118,7 @@ async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
     if outcome.messages or outcome.receipts:
         try:
             await publish_outcome(rt, outcome)
-        except RejectedInput as exc:  # the journal cannot hold it, e.g. a NUL in an id
+        except RejectedInput as exc:  # e.g. a NUL in an id, a record over the broker's limit
             return _refused(kind, exc)
         except journal_relay.DatabaseUnavailable as exc:
             log.error("webhook %s: database unavailable, answering 503: %s", kind, exc)

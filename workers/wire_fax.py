@@ -30,7 +30,7 @@ from channels.types import (
 )
 from normalizer.phone import normalize_phone
 from normalizer.threading import make_message_id
-from workers import bus
+from workers import bus, metrics
 from workers.mailpoll import MailPoller, RawHook
 from workers.runtime import Runtime
 from workers.wiring import Sender, StageFactory
@@ -39,8 +39,11 @@ NO_NUMBER = "sender unknown: no fax number found"
 DEFAULT_LANGUAGES = ("ind", "eng")
 _FAX_TYPES = frozenset({"application/pdf", "image/tiff", "image/tif"})
 _FAX_SUFFIXES = (".pdf", ".tif", ".tiff")
-# Faxes are slow to recognise: small batches keep a rebalance from redoing much work.
-OCR_BATCH = 4
+# Faxes are slow to recognise: one fax per core a batch, so a batch lasts as long as its
+# longest fax (a commit, and progress to `loket status`, after each round) and a rebalance
+# redoes little.
+OCR_BATCH = os.cpu_count() or 1
+OCR_STAGE = "ocr"
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ def ocr_handler(rt: Runtime, setups: dict[str, FaxSetup]) -> bus.BatchHandler:
         languages = setup.languages if setup is not None else DEFAULT_LANGUAGES
         async with slots:
             raw = await recognize(rt, raw, languages)
+        # A finished fax is the stage moving, though nothing is committed before the batch is.
+        metrics.progress_of(OCR_STAGE).working()
         return bus.Publish(bus.RAW, encoder.encode(raw), raw.key())
 
     async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
@@ -201,7 +206,7 @@ def ocr_tasks(rt: Runtime) -> dict[str, StageFactory]:
     if not setups:
         return {}
     handler = ocr_handler(rt, setups)
-    return {"ocr": rt.stage_task("ocr", [bus.FAX], handler, batch_size=OCR_BATCH)}
+    return {OCR_STAGE: rt.stage_task(OCR_STAGE, [bus.FAX], handler, batch_size=OCR_BATCH)}
 
 
 # --- outbound: the reply as a PDF mailed to the gateway ----------------------------------------
