@@ -88,3 +88,102 @@ async def test_a_new_group_reads_every_record_of_partitions_written_concurrently
     assert not missing, (
         f"{len(missing)} of {len(sent)} records never read, e.g. {sorted(missing)[:5]}"
     )
+
+
+async def _read_all(bootstrap: str, topic: str, want: int) -> list[int]:
+    """What a stage in group `reset-test` reads from `topic` until it has `want` records."""
+    got: list[int] = []
+    enough = asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
+        got.extend(int(r.value) for r in records)
+        if len(got) >= want:
+            enough.set()
+        return []
+
+    producer = bus.make_producer(bootstrap, idempotence=False)
+    await producer.start()
+    stage = bus.Stage(name="reset-test", topics=[topic], handle=handle, bootstrap=bootstrap,
+                      producer=producer)  # fmt: skip
+    running = asyncio.create_task(stage.run())
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(enough.wait(), timeout=20)
+    finally:
+        stage.stop()
+        await running
+        await producer.stop()
+    return got
+
+
+async def _committed(bootstrap: str, topic: str) -> int | None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="loket.reset-test")
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
+
+
+async def test_a_commit_past_the_end_left_by_a_reset_does_not_skip_the_new_log(
+    broker: TansuBroker,
+) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic = "loket.test.reset"
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = bus.make_producer(broker.bootstrap, idempotence=False)
+    await producer.start()
+    try:
+        await bus.publish_all(producer, [bus.Publish(topic, str(n).encode()) for n in range(20)])
+    finally:
+        await producer.stop()
+    # A member that kept its positions from the broker's earlier life commits offset 1500.
+    stale = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
+                             group_id="loket.reset-test", enable_auto_commit=False)  # fmt: skip
+    await stale.start()
+    try:
+        await stale.getmany(timeout_ms=2000)
+        await stale.commit({TopicPartition(topic, 0): 1500})
+    finally:
+        await stale.stop()
+    assert await _committed(broker.bootstrap, topic) == 1500
+
+    # The stage sees a commit past the end, and reads the log from its start.
+    assert await _read_all(broker.bootstrap, topic, 20) == list(range(20))
+    assert await _committed(broker.bootstrap, topic) == 20
+
+
+async def test_a_batch_read_before_a_reset_is_not_committed(broker: TansuBroker) -> None:
+    topic = "loket.test.fence"
+    producer = bus.make_producer(broker.bootstrap, idempotence=False)
+    await producer.start()
+    try:
+        await bus.publish_all(producer, [bus.Publish(topic, str(n).encode()) for n in range(5)])
+    finally:
+        await producer.stop()
+    epoch = [0]
+    got: list[int] = []
+
+    async def reset_during_the_batch(records: list[ConsumerRecord]) -> list[bus.Publish]:
+        got.extend(int(r.value) for r in records)
+        epoch[0] += 1  # the broker was reset while this batch was in hand
+        return []
+
+    producer = bus.make_producer(broker.bootstrap, idempotence=False)
+    await producer.start()
+    stage = bus.Stage(name="reset-test", topics=[topic], handle=reset_during_the_batch,
+                      bootstrap=broker.bootstrap, producer=producer, epoch=lambda: epoch[0])  # fmt: skip
+    try:
+        await asyncio.wait_for(stage.run(), timeout=20)  # ends by itself on the new epoch
+    finally:
+        await producer.stop()
+    assert got == list(range(5))
+    assert await _committed(broker.bootstrap, topic) is None  # the next consumer reads it again

@@ -460,6 +460,30 @@ def embedded_broker_pid(parent: int) -> int | None:
     return None
 
 
+def journal_story(
+    pg_url: str, stack: LoketStack, tag: str, accepted: list[str], kills: list[tuple[int, int]]
+) -> str:
+    """What became of the accepted SMS not stored: their journal rows and the log's warnings."""
+    stored = {r["external_id"] for r in db.fetch(
+        pg_url, "SELECT external_id FROM messages WHERE direction = 'in' AND external_id LIKE $1",
+        tag + "%",
+    )}  # fmt: skip
+    missing = [e for e in accepted if e not in stored]
+    rows = db.fetch(
+        pg_url,
+        "SELECT external_id, created_at, published_at, publishes FROM inbound_journal"
+        " WHERE external_id = ANY($1::text[]) ORDER BY id LIMIT 20",
+        missing,
+    )
+    log = stack.log_path("up").read_text(errors="replace").splitlines()
+    said = [line[:300] for line in log if "WARNING" in line or "ERROR" in line][-40:]
+    return "\n".join([
+        f"{len(missing)} of {len(accepted)} accepted SMS not stored; kills at {kills}",
+        f"first missing: {missing[:10]}", "their journal rows:", *map(str, rows),
+        "the log's last warnings:", *said,
+    ])  # fmt: skip
+
+
 @dataclass
 class Stream:
     """Kannel MO calls from a few lanes at once; each call's answer by its external id."""
@@ -527,8 +551,13 @@ def test_embedded_broker_killed_mid_stream_loses_and_duplicates_no_accepted_webh
         streaming.join(timeout=600)
         accepted = stream.accepted()
         refused = sorted(set(stream.answers) - set(accepted))
-        wait_until(lambda: stored_count(pg_url, "sms", tag) >= len(accepted), timeout=300,
-                   interval=1, what="every accepted SMS stored")  # fmt: skip
+        waited = time.monotonic()
+        try:
+            wait_until(lambda: stored_count(pg_url, "sms", tag) >= len(accepted), timeout=300,
+                       interval=1, what="every accepted SMS stored")  # fmt: skip
+        except TimeoutError as exc:
+            raise AssertionError(journal_story(pg_url, stack, tag, accepted, kills)) from exc
+        print(f"\nlast accepted SMS stored {time.monotonic() - waited:.1f}s after the stream")
         wait_until(lambda: journal_rows(pg_url) == 0, timeout=60, what="journal pruned")
         time.sleep(3)  # what the relay published again has had time to land
         tally = check_inbound(pg_url, "sms", "bench", accepted, prefix=tag)

@@ -51,12 +51,10 @@ async def _target(
         " WHERE ticket_id = $1 AND direction = 'in' AND NOT auto_reply ORDER BY id DESC LIMIT 20",
         ticket["id"],
     )
-    without_address = 0
     for row in rows:
         if row["channel"] in OUTBOUND_CHANNELS and (channel is None or row["channel"] == channel):
             if not (row["sender"] or "").strip():
-                without_address += 1  # e.g. a mail with no From, Reply-To, Sender or Return-Path
-                continue
+                continue  # e.g. a mail with no From, Reply-To, Sender or Return-Path
             if row["channel"] in accounts and row["account"] in accounts[row["channel"]]:
                 return dict(row)
     identities = await conn.fetch(
@@ -72,6 +70,11 @@ async def _target(
                     "sender": identity["value"], "subject": ticket["subject"], "headers": {},
                     "meta": {}, "external_id": None}  # fmt: skip
     wanted = f"on {channel}" if channel else "on any configured channel"
+    without_address = await conn.fetchval(
+        "SELECT count(*) FROM messages WHERE ticket_id = $1 AND direction = 'in'"
+        " AND coalesce(btrim(sender), '') = ''",
+        ticket["id"],
+    )
     if without_address:
         raise ReplyError(
             f"the caller cannot be reached {wanted}: their message has no reply address"

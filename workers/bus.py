@@ -124,8 +124,18 @@ class _StartNewPartitionsAtZero(ConsumerRebalanceListener):  # type: ignore[misc
         pass
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        fresh = [tp for tp in assigned if await self.consumer.committed(tp) is None]
-        seek_to_start(self.consumer, fresh)
+        committed = {tp: await self.consumer.committed(tp) for tp in assigned}
+        fresh = [tp for tp, offset in committed.items() if offset is None]
+        known = [tp for tp, offset in committed.items() if offset is not None]
+        # A commit past the partition's end was made for a broker's earlier life (an
+        # in-memory broker that restarted, a member that committed its old positions there):
+        # reading from it would skip everything the new log holds below it.
+        ends = await self.consumer.end_offsets(known) if known else {}
+        ahead = [tp for tp in known if committed[tp] > ends.get(tp, committed[tp])]
+        for tp in ahead:
+            log.warning("%s[%d]: committed offset %d is past the end (%d); reading from the start",
+                        tp.topic, tp.partition, committed[tp], ends[tp])  # fmt: skip
+        seek_to_start(self.consumer, fresh + ahead)
 
 
 def make_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProducer:
@@ -316,6 +326,7 @@ class Stage:
     # positions belong to a broker that no longer exists, so the stage ends and is restarted.
     epoch: Callable[[], int] | None = None
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
+    _started_epoch: int = field(default=0, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -340,7 +351,7 @@ class Stage:
         await consumer.start()
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))
-        started_epoch = self.epoch() if self.epoch else 0
+        started_epoch = self._started_epoch = self.epoch() if self.epoch else 0
         # Beside the loop, so a batch that never ends (a blocked handler) is seen as a stall.
         watching = asyncio.create_task(self._watch_progress(consumer))
         try:
@@ -401,6 +412,12 @@ class Stage:
             await self._shunt_refused(records, refused)
         metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
         metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        if self.epoch is not None and self.epoch() != self._started_epoch:
+            # These offsets are positions in a broker that is gone; committed to the new one
+            # they would make the next consumer skip what it holds below them.
+            log.warning("stage %s: the broker was reset during the batch; not committing %s",
+                        self.name, tp)  # fmt: skip
+            return
         try:
             # aiokafka retries a refused commit for ever; a broker that lost its state refuses
             # this consumer's commits for good, so give up and let the supervisor start afresh.

@@ -86,6 +86,8 @@ class Runtime:
                 broker = self.embedded_broker
                 if broker is not None and not broker.running:
                     log.warning("the embedded broker stopped; starting it again (empty)")
+                    # Before it is back: no stage may commit its old positions to the new one.
+                    self.broker_epoch += 1
                     await broker.restart()
                     reset = True
                 metadata = await asyncio.wait_for(
