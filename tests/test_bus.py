@@ -127,18 +127,14 @@ async def _committed(bootstrap: str, topic: str) -> int | None:
         await consumer.stop()
 
 
+@pytest.mark.slow
 async def test_a_commit_past_the_end_left_by_a_reset_does_not_skip_the_new_log(
     broker: TansuBroker,
 ) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = "loket.test.reset"
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await _one_partition(broker.bootstrap, topic)
     producer = bus.make_producer(broker.bootstrap, idempotence=False)
     await producer.start()
     try:
@@ -161,8 +157,19 @@ async def test_a_commit_past_the_end_left_by_a_reset_does_not_skip_the_new_log(
     assert await _committed(broker.bootstrap, topic) == 20
 
 
+async def _one_partition(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.slow
 async def test_a_batch_read_before_a_reset_is_not_committed(broker: TansuBroker) -> None:
     topic = "loket.test.fence"
+    await _one_partition(broker.bootstrap, topic)
     producer = bus.make_producer(broker.bootstrap, idempotence=False)
     await producer.start()
     try:
