@@ -616,7 +616,10 @@ def test_smtp_down_then_back_delivers_once_and_5xx_fails_with_reason(
 
     # 3. 550: permanent, failed with the reason.
     permanent_ticket = tickets[12]
-    revived.fail_next(1, code=550, text="5.1.1 Mailbox does not exist")
+    # For this reply's recipient only: replies still retrying must not take the 550.
+    recipient = db.fetchval(pg_url, "SELECT sender FROM messages WHERE ticket_id = $1"
+                            " AND direction = 'in' LIMIT 1", permanent_ticket)  # fmt: skip
+    revived.fail_next(1, code=550, text="5.1.1 Mailbox does not exist", to=recipient)
     time.sleep(0.5)
     wait_until(lambda: revived.handler.refused >= 4, timeout=60, what="the 421 refusals")
     rejected = reply(permanent_ticket)

@@ -68,6 +68,18 @@ async def test_smtp_refuses_then_accepts(smtp: SmtpServer) -> None:
     assert mail.message.get_content().strip() == "Tiket Anda sedang kami proses."
 
 
+async def test_smtp_refusal_for_one_recipient_lets_other_mail_through(smtp: SmtpServer) -> None:
+    smtp.fail_next(1, code=550, text="5.1.1 Mailbox does not exist", to="Warga@Example.id")
+    other = outbound_mail("Tiket lain")
+    other.replace_header("To", "tetangga@example.id")
+    await aiosmtplib.send(other, hostname=smtp.host, port=smtp.port)  # not for it: accepted
+    with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+        await aiosmtplib.send(outbound_mail("Tiket #4"), hostname=smtp.host, port=smtp.port)
+    assert refused.value.code == 550
+    await aiosmtplib.send(outbound_mail("Tiket #5"), hostname=smtp.host, port=smtp.port)
+    assert [m.message["Subject"] for m in smtp.received] == ["Tiket lain", "Tiket #5"]
+
+
 async def test_smtp_permanent_refusal_and_blocking_wait(smtp: SmtpServer) -> None:
     smtp.fail_next(1, code=550)
     with pytest.raises(aiosmtplib.SMTPResponseException) as refused:

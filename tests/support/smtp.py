@@ -35,6 +35,7 @@ class _Refusal:
     remaining: int
     code: int
     text: str
+    to: str | None = None  # only mail for this recipient
 
 
 class RecordingHandler:
@@ -46,21 +47,23 @@ class RecordingHandler:
         self._refusals: list[_Refusal] = []
         self.refused = 0
 
-    def fail_next(self, count: int, code: int = 451, text: str | None = None) -> None:
-        """Answer the next `count` DATA commands with `code` instead of accepting them."""
+    def fail_next(
+        self, count: int, code: int = 451, text: str | None = None, *, to: str | None = None
+    ) -> None:
+        """Answer the next `count` DATA commands (for recipient `to`, if given) with `code`."""
         if not 400 <= code <= 599:
             raise ValueError("a refusal needs a 4xx or 5xx code")
         if text is None:
             text = "4.3.0 Try again later" if code < 500 else "5.7.1 Message rejected"
         with self._lock:
-            self._refusals.append(_Refusal(count, code, text))
+            self._refusals.append(_Refusal(count, code, text, to.lower() if to else None))
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        recipients = {address.lower() for address in envelope.rcpt_tos}
         with self._lock:
-            while self._refusals and self._refusals[0].remaining <= 0:
-                self._refusals.pop(0)
-            if self._refusals:
-                refusal = self._refusals[0]
+            self._refusals = [r for r in self._refusals if r.remaining > 0]
+            refusal = next((r for r in self._refusals if r.to is None or r.to in recipients), None)
+            if refusal is not None:
                 refusal.remaining -= 1
                 self.refused += 1
                 return f"{refusal.code} {refusal.text}"
@@ -170,9 +173,12 @@ class SmtpServer:
         """Stop the server thread."""
         self._controller.stop()
 
-    def fail_next(self, count: int, code: int = 451, text: str | None = None) -> None:
-        """Answer the next `count` DATA commands with `code` (4xx temporary, 5xx permanent)."""
-        self.handler.fail_next(count, code, text)
+    def fail_next(
+        self, count: int, code: int = 451, text: str | None = None, *, to: str | None = None
+    ) -> None:
+        """Answer the next `count` DATA commands (for recipient `to`, if given) with `code`
+        (4xx temporary, 5xx permanent)."""
+        self.handler.fail_next(count, code, text, to=to)
 
     @property
     def received(self) -> list[ReceivedMail]:
