@@ -84,10 +84,15 @@ def _address(host: str) -> Address | None:
         return None
 
 
+def _exact_rules(host: str, port: int, hosts: Iterable[HostRule]) -> list[HostRule]:
+    """The entries that name exactly this host (and this port, if the entry gives one)."""
+    host = host.lower().rstrip(".")
+    return [rule for rule in hosts if rule.host == host and rule.port in (None, port)]
+
+
 def listed_exactly(host: str, port: int, hosts: Iterable[HostRule]) -> bool:
     """Whether an entry names exactly this host (and this port, if the entry gives one)."""
-    host = host.lower().rstrip(".")
-    return any(rule.host == host and rule.port in (None, port) for rule in hosts)
+    return bool(_exact_rules(host, port, hosts))
 
 
 def url_problem(url: httpx.URL, hosts: Iterable[HostRule]) -> str | None:
@@ -171,11 +176,7 @@ def trusted_exactly(host: str, port: int, hosts: Iterable[HostRule]) -> bool:
     only says whose media to take: what it resolves to is checked like any other name, so
     a name that starts resolving to 127.0.0.1 reaches nothing inside.
     """
-    host = host.lower().rstrip(".")
-    return any(
-        rule.host == host and rule.port in (None, port) and (rule.is_address or rule.port)
-        for rule in hosts
-    )
+    return any(rule.is_address or rule.port for rule in _exact_rules(host, port, hosts))
 
 
 async def vetted_address(host: str, port: int, hosts: tuple[HostRule, ...]) -> str:

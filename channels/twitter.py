@@ -28,7 +28,7 @@ from channels.types import (
     WebhookOutcome,
     checked_inbound,
     epoch_problem,
-    impossible_epoch,
+    possible_epoch,
 )
 
 CHANNEL = "twitter"
@@ -223,11 +223,7 @@ def _millis(value: Any, what: str) -> float:
         seconds = float(value) / 1000.0
     except ValueError:
         raise RejectedInput(f"{what} {str(value)[:30]!r} is not a number", status=400) from None
-    impossible = impossible_epoch(seconds)
-    if impossible is not None:
-        shown = str(value)[:40]
-        raise RejectedInput(f"{what} {shown} is not a possible time: {impossible}", status=400)
-    return seconds
+    return possible_epoch(seconds, what, given=value)
 
 
 def _iso(value: Any, problems: list[str]) -> float:

@@ -237,6 +237,16 @@ def impossible_epoch(seconds: float) -> str | None:
     return None
 
 
+def possible_epoch(seconds: float, what: str, *, given: object = None) -> float:
+    """`seconds`, unless it is no time at all (`impossible_epoch`): then RejectedInput (400)
+    naming `what` and `given`, the value as the provider wrote it."""
+    impossible = impossible_epoch(seconds)
+    if impossible is not None:
+        shown = str(seconds if given is None else given)[:40]
+        raise RejectedInput(f"{what} {shown} is not a possible time: {impossible}", status=400)
+    return seconds
+
+
 def message_epoch(
     seconds: float,
     what: str,
@@ -252,14 +262,12 @@ def message_epoch(
     days ahead) keeps the message with the receive time instead, noted in `problems`: the
     message is worth more than its time. `given` is the value as the provider wrote it.
     """
-    shown = str(seconds if given is None else given)[:40]
-    impossible = impossible_epoch(seconds)
-    if impossible is not None:
-        raise RejectedInput(f"{what} {shown} is not a possible time: {impossible}", status=400)
+    possible_epoch(seconds, what, given=given)
     current = time.time() if now is None else now
     implausible = epoch_problem(seconds, now=current)
     if implausible is None:
         return seconds
+    shown = str(seconds if given is None else given)[:40]
     problems.append(f"{what} {shown} is {implausible}: the receive time is used")
     return current
 

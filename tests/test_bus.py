@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
@@ -46,6 +47,36 @@ async def two_producers_at_once(bootstrap: str, topics: list[str]) -> set[str]:
     return sent
 
 
+async def _create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics]
+        )
+    finally:
+        await admin.close()
+
+
+async def _run_stage(
+    bootstrap: str, name: str, topics: list[str], handle: bus.BatchHandler,
+    until: asyncio.Event, seconds: float,
+) -> None:  # fmt: skip
+    """Run a stage over `topics` until `until` is set or `seconds` pass."""
+    producer = bus.make_producer(bootstrap, idempotence=False)
+    await producer.start()
+    stage = bus.Stage(name=name, topics=topics, handle=handle, bootstrap=bootstrap,
+                      producer=producer)  # fmt: skip
+    running = asyncio.create_task(stage.run())
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until.wait(), timeout=seconds)
+    finally:
+        stage.stop()
+        await running
+        await producer.stop()
+
+
 @pytest.mark.slow
 async def test_a_new_group_reads_every_record_of_partitions_written_concurrently(
     broker: TansuBroker,
@@ -53,14 +84,7 @@ async def test_a_new_group_reads_every_record_of_partitions_written_concurrently
     # Tansu can report a partition's start as the second batch's offset when two producers
     # wrote the first two batches at once; a group that started there lost the first batch.
     topics = [f"loket.test.start.{n}" for n in range(ROUNDS)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(t, num_partitions=4, replication_factor=1) for t in topics]
-        )
-    finally:
-        await admin.close()
+    await _create_topics(broker.bootstrap, topics, partitions=4)
     sent = await two_producers_at_once(broker.bootstrap, topics)
 
     received: set[str] = set()
@@ -72,22 +96,22 @@ async def test_a_new_group_reads_every_record_of_partitions_written_concurrently
             everything.set()
         return []
 
-    producer = bus.make_producer(broker.bootstrap, idempotence=False)
-    await producer.start()
-    stage = bus.Stage(name="start-test", topics=topics, handle=handle,
-                      bootstrap=broker.bootstrap, producer=producer)  # fmt: skip
-    running = asyncio.create_task(stage.run())
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(everything.wait(), timeout=30)
-    finally:
-        stage.stop()
-        await running
-        await producer.stop()
+    await _run_stage(broker.bootstrap, "start-test", topics, handle, everything, seconds=30)
     missing = sent - received
     assert not missing, (
         f"{len(missing)} of {len(sent)} records never read, e.g. {sorted(missing)[:5]}"
     )
+
+
+async def _numbers_on_one_partition(bootstrap: str, topic: str, count: int) -> None:
+    """A one-partition `topic` holding 0, 1, … `count - 1`, so the order read is the order written."""
+    await _create_topics(bootstrap, [topic], partitions=1)
+    producer = bus.make_producer(bootstrap, idempotence=False)
+    await producer.start()
+    try:
+        await bus.publish_all(producer, [bus.Publish(topic, str(n).encode()) for n in range(count)])
+    finally:
+        await producer.stop()
 
 
 async def _read_all(bootstrap: str, topic: str, want: int) -> list[int]:
@@ -101,24 +125,11 @@ async def _read_all(bootstrap: str, topic: str, want: int) -> list[int]:
             enough.set()
         return []
 
-    producer = bus.make_producer(bootstrap, idempotence=False)
-    await producer.start()
-    stage = bus.Stage(name="reset-test", topics=[topic], handle=handle, bootstrap=bootstrap,
-                      producer=producer)  # fmt: skip
-    running = asyncio.create_task(stage.run())
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(enough.wait(), timeout=20)
-    finally:
-        stage.stop()
-        await running
-        await producer.stop()
+    await _run_stage(bootstrap, "reset-test", [topic], handle, enough, seconds=20)
     return got
 
 
 async def _committed(bootstrap: str, topic: str) -> int | None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="loket.reset-test")
     await consumer.start()
     try:
@@ -131,16 +142,8 @@ async def _committed(bootstrap: str, topic: str) -> int | None:
 async def test_a_commit_past_the_end_left_by_a_reset_does_not_skip_the_new_log(
     broker: TansuBroker,
 ) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     topic = "loket.test.reset"
-    await _one_partition(broker.bootstrap, topic)
-    producer = bus.make_producer(broker.bootstrap, idempotence=False)
-    await producer.start()
-    try:
-        await bus.publish_all(producer, [bus.Publish(topic, str(n).encode()) for n in range(20)])
-    finally:
-        await producer.stop()
+    await _numbers_on_one_partition(broker.bootstrap, topic, 20)
     # A member that kept its positions from the broker's earlier life commits offset 1500.
     stale = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
                              group_id="loket.reset-test", enable_auto_commit=False)  # fmt: skip
@@ -157,25 +160,10 @@ async def test_a_commit_past_the_end_left_by_a_reset_does_not_skip_the_new_log(
     assert await _committed(broker.bootstrap, topic) == 20
 
 
-async def _one_partition(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-
-
 @pytest.mark.slow
 async def test_a_batch_read_before_a_reset_is_not_committed(broker: TansuBroker) -> None:
     topic = "loket.test.fence"
-    await _one_partition(broker.bootstrap, topic)
-    producer = bus.make_producer(broker.bootstrap, idempotence=False)
-    await producer.start()
-    try:
-        await bus.publish_all(producer, [bus.Publish(topic, str(n).encode()) for n in range(5)])
-    finally:
-        await producer.stop()
+    await _numbers_on_one_partition(broker.bootstrap, topic, 5)
     epoch = [0]
     got: list[int] = []
 

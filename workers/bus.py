@@ -56,9 +56,7 @@ TOO_LARGE_ERRORS: tuple[type[KafkaError], ...] = (
     RecordListTooLargeError,
 )
 UNWRITABLE_ERRORS: tuple[type[KafkaError], ...] = (
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    RecordListTooLargeError,
+    *TOO_LARGE_ERRORS,
     InvalidTopicError,
     CorruptRecordException,
     UnsupportedForMessageFormatError,
@@ -351,12 +349,12 @@ class Stage:
         await consumer.start()
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))
-        started_epoch = self._started_epoch = self.epoch() if self.epoch else 0
+        self._started_epoch = self.epoch() if self.epoch else 0
         # Beside the loop, so a batch that never ends (a blocked handler) is seen as a stall.
         watching = asyncio.create_task(self._watch_progress(consumer))
         try:
             while not self._stopping.is_set():
-                if self.epoch is not None and self.epoch() != started_epoch:
+                if self._broker_reset():
                     log.warning(
                         "stage %s: the broker came back empty; starting a fresh consumer", self.name
                     )
@@ -371,6 +369,10 @@ class Stage:
         finally:
             watching.cancel()
             await consumer.stop()
+
+    def _broker_reset(self) -> bool:
+        """Whether the broker was reset since this consumer started (see `epoch`)."""
+        return self.epoch is not None and self.epoch() != self._started_epoch
 
     async def _watch_progress(self, consumer: AIOKafkaConsumer) -> None:
         progress = metrics.progress_of(self.name)
@@ -412,7 +414,7 @@ class Stage:
             await self._shunt_refused(records, refused)
         metrics.STAGE_PROCESSED.labels(self.name).inc(len(records))
         metrics.STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        if self.epoch is not None and self.epoch() != self._started_epoch:
+        if self._broker_reset():
             # These offsets are positions in a broker that is gone; committed to the new one
             # they would make the next consumer skip what it holds below them.
             log.warning("stage %s: the broker was reset during the batch; not committing %s",
