@@ -182,3 +182,41 @@ async def test_a_batch_read_before_a_reset_is_not_committed(broker: TansuBroker)
         await producer.stop()
     assert got == list(range(5))
     assert await _committed(broker.bootstrap, topic) is None  # the next consumer reads it again
+
+
+@pytest.mark.slow
+async def test_a_broker_lost_while_a_member_learns_its_positions_does_not_hold_the_stage(
+    broker: TansuBroker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The embedded broker died as a new member asked where its partitions stood; the stage
+    # saw the reset and stopped its consumer, whose close then waited for ever for that
+    # question to be answered (aiokafka retries it endlessly once the consumer is closing).
+    topic = "loket.test.assign"
+    await _numbers_on_one_partition(broker.bootstrap, topic, 5)
+    epoch = [0]
+
+    class BrokerDiesWhileAssigning(bus._StartNewPartitionsAtZero):
+        async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+            broker.kill()
+            epoch[0] += 1  # loket noticed, as Runtime.watch_broker does
+            await super().on_partitions_assigned(assigned)
+
+    monkeypatch.setattr(bus, "_StartNewPartitionsAtZero", BrokerDiesWhileAssigning)
+    got: list[ConsumerRecord] = []
+
+    async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
+        got.extend(records)
+        return []
+
+    producer = bus.make_producer(broker.bootstrap, idempotence=False)
+    await producer.start()
+    stage = bus.Stage(name="assign-test", topics=[topic], handle=handle,
+                      bootstrap=broker.bootstrap, producer=producer, epoch=lambda: epoch[0])  # fmt: skip
+    try:
+        # Ends by itself, its consumer closed: the supervisor starts a fresh one.
+        await asyncio.wait_for(stage.run(), timeout=bus.ASSIGN_TIMEOUT + bus.CLOSE_TIMEOUT + 10)
+    finally:
+        await producer.stop()
+    assert epoch[0] == 1  # the broker did die during the assignment
+    assert got == []
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]

@@ -112,16 +112,39 @@ def seek_to_start(consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartitio
         consumer.seek(tp, 0)
 
 
+# How long a member may take to learn where newly assigned partitions stand. Bounded because
+# aiokafka looks up a committed offset for as long as it takes, and once the consumer is
+# closing it never finds the coordinator again: a broker that died during the lookup would
+# otherwise hold the member, and the `stop` that waits for it, for ever.
+ASSIGN_TIMEOUT = 10.0
+# How long a stage waits for its consumer to close before it goes on without it.
+CLOSE_TIMEOUT = 15.0
+
+
 class _StartNewPartitionsAtZero(ConsumerRebalanceListener):  # type: ignore[misc]
-    """A group's first read of a partition begins at offset 0 (see `seek_to_start`)."""
+    """A group's first read of a partition begins at offset 0 (see `seek_to_start`).
+
+    `lost` is set when where the assigned partitions stand could not be learned: the positions
+    the consumer would read from are unchecked, so the stage replaces it before reading.
+    """
 
     def __init__(self, consumer: AIOKafkaConsumer):
         self.consumer = consumer
+        self.lost = False
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         pass
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        try:
+            await asyncio.wait_for(self._position(assigned), timeout=ASSIGN_TIMEOUT)
+        except (KafkaError, TimeoutError) as exc:
+            self.lost = True
+            log.warning("positions of %s not learned (%s); the consumer is replaced",
+                        ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned),
+                        type(exc).__name__ if isinstance(exc, TimeoutError) else exc)  # fmt: skip
+
+    async def _position(self, assigned: list[TopicPartition]) -> None:
         committed = {tp: await self.consumer.committed(tp) for tp in assigned}
         fresh = [tp for tp, offset in committed.items() if offset is None]
         known = [tp for tp, offset in committed.items() if offset is not None]
@@ -324,6 +347,7 @@ class Stage:
     # positions belong to a broker that no longer exists, so the stage ends and is restarted.
     epoch: Callable[[], int] | None = None
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
+    _positions: _StartNewPartitionsAtZero | None = field(default=None, init=False)
     _started_epoch: int = field(default=0, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -345,7 +369,8 @@ class Stage:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
-        consumer.subscribe(self.topics, listener=_StartNewPartitionsAtZero(consumer))
+        self._positions = _StartNewPartitionsAtZero(consumer)
+        consumer.subscribe(self.topics, listener=self._positions)
         await consumer.start()
         self.ready.set()
         log.info("stage %s consuming %s", self.name, ",".join(self.topics))
@@ -354,12 +379,11 @@ class Stage:
         watching = asyncio.create_task(self._watch_progress(consumer))
         try:
             while not self._stopping.is_set():
-                if self._broker_reset():
-                    log.warning(
-                        "stage %s: the broker came back empty; starting a fresh consumer", self.name
-                    )
+                if self._must_restart():
                     return
                 batches = await consumer.getmany(timeout_ms=500, max_records=self.batch_size)
+                if self._must_restart():
+                    return  # what was read may come from positions that were never checked
                 ready = {tp: records for tp, records in batches.items() if records}
                 if ready:
                     # All partitions of one poll in one batch: one transaction, not one each.
@@ -368,7 +392,23 @@ class Stage:
                     await metrics.refresh_lag(self.name, consumer)
         finally:
             watching.cancel()
-            await consumer.stop()
+            try:
+                await asyncio.wait_for(consumer.stop(), timeout=CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.error("stage %s: the consumer did not close in %.0fs; going on without it",
+                          self.name, CLOSE_TIMEOUT)  # fmt: skip
+
+    def _must_restart(self) -> bool:
+        """Whether this consumer must give way to a fresh one, said in the log when it must."""
+        if self._broker_reset():
+            log.warning(
+                "stage %s: the broker came back empty; starting a fresh consumer", self.name
+            )
+        elif self._positions is not None and self._positions.lost:
+            log.warning("stage %s: starting a fresh consumer", self.name)
+        else:
+            return False
+        return True
 
     def _broker_reset(self) -> bool:
         """Whether the broker was reset since this consumer started (see `epoch`)."""

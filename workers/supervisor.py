@@ -27,6 +27,9 @@ from workers.wiring import STAGES, StageFactory, all_pollers, all_senders
 
 log = logging.getLogger(__name__)
 
+# The pause before a task is started again; it doubles after each crash, up to 30 s.
+RESTART_PAUSE = 0.5
+
 
 @contextlib.asynccontextmanager
 async def open_runtime(
@@ -97,7 +100,7 @@ class Supervisor:
     running: dict[str, bool] = field(default_factory=dict)
 
     async def supervise(self, name: str, factory: StageFactory) -> None:
-        delay = 0.5
+        delay = RESTART_PAUSE
         while not self.stop.is_set():
             self.running[name] = True
             started = time.monotonic()
@@ -105,14 +108,17 @@ class Supervisor:
                 await factory(self.stop)
                 if self.stop.is_set():
                     break
+                # A task that ends by itself (a stage replacing its consumer after a broker
+                # reset) is started again at once: the growing pause is for crashes.
                 log.warning("task %s returned; restarting", name)
+                delay = RESTART_PAUSE
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("task %s crashed; restarting in %.1fs", name, delay)
             self.running[name] = False
             if time.monotonic() - started > 60:
-                delay = 0.5
+                delay = RESTART_PAUSE
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
             delay = min(delay * 2, 30.0)
