@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from workers import registry
 from workers.cli import build_parser
 from workers.settings import Settings
 
@@ -21,17 +22,9 @@ def test_compose_parses_and_has_the_production_parts() -> None:
     assert {"kafka-1", "kafka-2", "kafka-3", "postgres", "prometheus", "grafana", "http"} <= set(
         services
     )
-    for stage in (
-        "normalizer",
-        "ticketing",
-        "receipts",
-        "relay",
-        "delivery",
-        "pollers",
-        "ocr",
-        "scheduler",
-    ):
-        assert services[stage]["command"] == ["worker", stage]
+    # Every stage the registry declares runs as its own service.
+    for stage in registry.NAMES:
+        assert services[stage]["command"] == ["worker", stage], stage
 
 
 def test_every_loket_command_is_a_real_subcommand() -> None:

@@ -32,13 +32,15 @@ from tests.support.dovecot import DovecotServer
 from tests.support.ports import free_port
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack, wait_until
+from workers import registry
 
 pytestmark = pytest.mark.slow
 PASSWORD = "ops-secret-123"
 ACCOUNT = "ops"
-WORKERS = ("http", "pollers", "normalizer", "ticketing", "relay", "delivery", "receipts")
+WORKERS = ("http", "pollers", "normalizer", "ticketing", "relay", "delivery", "receipts", "kb")
 RAW = "loket.inbound.raw"
 MATCHED = "loket.inbound.matched"
+EVENTS = "loket.events"
 
 
 @dataclass
@@ -127,7 +129,7 @@ def ops(
             members = {s["stage"]: s["members"] for s in status["stages"]}
             return all(
                 members.get(s, 0) >= 1
-                for s in ("normalizer", "ticketing", "receipts", "delivery-email")
+                for s in ("normalizer", "ticketing", "receipts", "delivery-email", "kb-suggest")
             )
 
         wait_until(consuming, timeout=60, interval=1, what="every stage in its consumer group")
@@ -400,6 +402,11 @@ def test_ops_api(ops: OpsStack) -> None:
     assert summary.status_code == 200, summary.text
     body = summary.json()
     stages = {s["stage"]: s for s in body["stages"]}
+    # The consuming stages the registry declares that run here or have records waiting
+    # (delivery on channels this stack has no account for is left out), kb-suggest included.
+    assert set(stages) <= {c.name for c in registry.consumers()}
+    assert {"normalizer", "ticketing", "receipts", "delivery-email", "kb-suggest"} <= set(stages)
+    assert stages["kb-suggest"]["members"] >= 1 and stages["kb-suggest"]["topic"] == EVENTS
     assert stages["ticketing"]["members"] >= 1 and stages["ticketing"]["topic"] == MATCHED
     assert {"lag", "rate_per_min", "state"} <= set(stages["normalizer"])
     assert body["outbox_due"] is not None and body["shunt_total"] >= 1

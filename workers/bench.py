@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from channels.smtp import EmailAccount
 from channels.types import RawInbound, encoder
-from workers import bus
+from workers import bus, registry
 from workers.embedded import free_port
 from workers.ops import true_end_offsets
 from workers.runtime import Runtime
@@ -40,7 +40,8 @@ from workers.settings import ConfigError, Settings
 
 BENCH_ACCOUNT = "bench"
 MAIL_ACCOUNT = "bench-mail"
-# Stages the benchmark runs: the inbound path from the raw topic to the database.
+# Stages the benchmark runs, as `workers.registry` declares them: the inbound path from the
+# raw topic to the database.
 BENCH_STAGES = ("normalizer", "ticketing")
 
 
@@ -186,17 +187,17 @@ class InProcessStages:
     """The inbound stages as tasks of this process, in their own consumer groups."""
 
     def __init__(self, rt: Runtime, prefix: str):
-        from workers.stages import normalizer_handler, ticketing_handler
-
         self.groups = {name: f"{prefix}.{name}" for name in BENCH_STAGES}
-        self.stages = [
-            bus.Stage(name="normalizer", topics=[bus.RAW], handle=normalizer_handler(rt),
-                      bootstrap=rt.bootstrap, producer=rt.producer,
-                      max_attempts=rt.settings.max_attempts, group_id=self.groups["normalizer"]),
-            bus.Stage(name="ticketing", topics=[bus.MATCHED], handle=ticketing_handler(rt),
-                      bootstrap=rt.bootstrap, producer=rt.producer,
-                      max_attempts=rt.settings.max_attempts, group_id=self.groups["ticketing"]),
-        ]  # fmt: skip
+        self.stages = []
+        for name in BENCH_STAGES:
+            declared = registry.consumer(name)
+            handle = declared.handler(rt)
+            assert handle is not None  # the inbound stages always have work
+            self.stages.append(bus.Stage(
+                name=name, topics=[declared.topic], handle=handle, bootstrap=rt.bootstrap,
+                producer=rt.producer, max_attempts=rt.settings.max_attempts,
+                batch_size=declared.batch_size, group_id=self.groups[name],
+            ))  # fmt: skip
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -240,7 +241,7 @@ class WorkerProcesses:
         self.workdir = workdir
         self.idempotence = idempotence
         self.processes: list[tuple[str, subprocess.Popen[bytes], int, Path]] = []
-        self.groups = {name: f"loket.{name}" for name in BENCH_STAGES}
+        self.groups = {name: registry.consumer(name).group for name in BENCH_STAGES}
 
     async def start(self) -> None:
         for stage in BENCH_STAGES:

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 
-from workers import logsafety
+from workers import logsafety, registry
 from workers.settings import ConfigError, Settings
-from workers.wiring import STAGES
 
 log = logging.getLogger("loket")
 
@@ -196,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker", help="run one stage (several processes of a stage share its partitions)"
     )
-    worker.add_argument("stage", choices=[*STAGES, "http"])
+    worker.add_argument("stage", choices=[*registry.NAMES, "http"])
     sub.add_parser("migrate", help="apply database migrations")
     agent = sub.add_parser("agent", help="manage agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True)

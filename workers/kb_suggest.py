@@ -10,13 +10,8 @@ from aiokafka.structs import ConsumerRecord
 from ticketing import kb
 from workers import bus
 from workers.runtime import Runtime
-from workers.wiring import StageFactory
 
 log = logging.getLogger(__name__)
-
-NAME = "kb-suggest"
-# Its own consumer group: reading the events topic here takes nothing from other readers of it.
-GROUP = "loket.kb-suggest"
 
 
 def tickets_to_suggest(records: list[ConsumerRecord]) -> list[int]:
@@ -54,8 +49,3 @@ def kb_suggest_handler(rt: Runtime) -> bus.BatchHandler:
         return []
 
     return handle
-
-
-def kb_suggest_tasks(rt: Runtime) -> dict[str, StageFactory]:
-    """The stage's one consumer, for the supervisor."""
-    return {NAME: rt.stage_task(NAME, [bus.EVENTS], kb_suggest_handler(rt), group_id=GROUP)}

@@ -18,9 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from channels.types import OUTBOUND_CHANNELS
 from ticketing.db import is_transient
-from workers import bus
+from workers import bus, registry
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +29,12 @@ _KAFKA_TIMEOUT = 15.0
 
 
 def stage_topics() -> dict[str, str]:
-    """The consuming stages and the topic each reads; the group is `loket.<stage>`."""
-    stages = {
-        "normalizer": bus.RAW,
-        "ocr": bus.FAX,
-        "ticketing": bus.MATCHED,
-        "receipts": bus.RECEIPTS,
-    }
-    stages.update(
-        {f"delivery-{channel}": bus.outbound_topic(channel) for channel in OUTBOUND_CHANNELS}
-    )
-    return stages
+    """Every consuming stage (see `workers.registry`) and the topic it reads."""
+    return {consumer.name: consumer.topic for consumer in registry.consumers()}
 
 
 def group_of(stage: str) -> str:
-    return f"loket.{stage}"
+    return registry.consumer(stage).group
 
 
 # ---------------------------------------------------------------- channel health

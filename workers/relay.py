@@ -10,6 +10,7 @@ import asyncpg
 from ticketing.db import is_transient
 from workers import bus, metrics
 from workers.runtime import Runtime
+from workers.wiring import StageFactory
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +63,13 @@ async def run_relay(rt: Runtime, stop: asyncio.Event) -> None:
             delay = min(delay * 2, 5.0)
     if listener is not None and not listener.is_closed():
         await listener.close()
+
+
+def relay_tasks(rt: Runtime) -> dict[str, StageFactory]:
+    """The relay worker: the outbox relay, and the inbound journal's where the journal is on."""
+    from workers.journal_relay import run_journal_relay
+
+    relays: dict[str, StageFactory] = {"relay": lambda stop: run_relay(rt, stop)}
+    if rt.settings.journal_inbound():
+        relays["journal-relay"] = lambda stop: run_journal_relay(rt, stop)
+    return relays

@@ -43,6 +43,15 @@ class Runtime:
     broker_reset_at: float = 0.0
     # The broker this process started (nothing configured); started again when it dies.
     embedded_broker: EmbeddedBroker | None = None
+    _senders: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def senders(self) -> dict[str, Any]:
+        """The delivery function of each outbound channel with accounts, built once."""
+        if self._senders is None:
+            from workers.wiring import all_senders
+
+            self._senders = all_senders(self)
+        return self._senders
 
     def stage_task(
         self,

@@ -46,7 +46,15 @@ async def run_sla(
 
 
 def scheduler_tasks(rt: Runtime) -> dict[str, StageFactory]:
+    """The scheduler worker: SLA escalation, key pruning, and the stage samples."""
+    from workers.ops import watch_stages
+
+    async def samples(stop: asyncio.Event) -> None:
+        # Stage samples let `loket status` tell a stalled stage at its first look.
+        await watch_stages(rt.bootstrap, rt.pool, stop, rt.settings.stall_seconds)
+
     return {
         "sla": lambda stop: run_sla(rt.pool, rt.rules, stop),
         "idempotency-prune": lambda stop: run_prune(rt.pool, stop),
+        "stage-samples": samples,
     }

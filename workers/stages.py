@@ -146,6 +146,12 @@ def backoff_seconds(attempt: int) -> float:
     return float(min(5 * 2**attempt, 600))
 
 
+def delivery_handler_for(rt: Runtime, channel: str) -> bus.BatchHandler | None:
+    """The delivery stage of `channel`, where an account of it is configured."""
+    send = rt.senders().get(channel)
+    return delivery_handler(rt, channel, send) if send is not None else None
+
+
 def delivery_handler(rt: Runtime, channel: str, send: Sender) -> bus.BatchHandler:
     """OUTBOUND.<channel> -> provider; temporary failures go back to the outbox with a delay."""
     from channels.types import ChannelError

@@ -11,19 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ticketing.db import create_pool, migrate
-from workers import bus
+from workers import bus, registry
 from workers.embedded import EmbeddedBroker, EmbeddedPostgres
-from workers.journal_relay import run_journal_relay
-from workers.relay import run_relay
 from workers.runtime import Runtime, load_accounts, load_rules
 from workers.settings import Settings
-from workers.stages import (
-    delivery_handler,
-    normalizer_handler,
-    receipts_handler,
-    ticketing_handler,
-)
-from workers.wiring import STAGES, StageFactory, all_pollers, all_senders
+from workers.wiring import StageFactory
 
 log = logging.getLogger(__name__)
 
@@ -141,50 +133,12 @@ class Supervisor:
 
 def stage_tasks(rt: Runtime, stage: str) -> dict[str, StageFactory]:
     """The tasks that make up one named stage (`loket worker STAGE`)."""
-    if stage == "normalizer":
-        return {"normalizer": rt.stage_task("normalizer", [bus.RAW], normalizer_handler(rt))}
-    if stage == "ticketing":
-        return {"ticketing": rt.stage_task("ticketing", [bus.MATCHED], ticketing_handler(rt))}
-    if stage == "receipts":
-        return {"receipts": rt.stage_task("receipts", [bus.RECEIPTS], receipts_handler(rt))}
-    if stage == "relay":
-        relays: dict[str, StageFactory] = {"relay": lambda stop: run_relay(rt, stop)}
-        if rt.settings.journal_inbound():
-            relays["journal-relay"] = lambda stop: run_journal_relay(rt, stop)
-        return relays
-    if stage == "delivery":
-        return {
-            f"delivery-{channel}": rt.stage_task(
-                f"delivery-{channel}",
-                [bus.outbound_topic(channel)],
-                delivery_handler(rt, channel, send),
-            )
-            for channel, send in all_senders(rt).items()
-        }
-    if stage == "pollers":
-        return all_pollers(rt)
-    if stage == "ocr":
-        from workers.wire_fax import ocr_tasks
-
-        return ocr_tasks(rt)
-    if stage == "scheduler":
-        from workers.ops import watch_stages
-        from workers.scheduler import scheduler_tasks
-
-        async def samples(stop: asyncio.Event) -> None:
-            # Stage samples let `loket status` tell a stalled stage at its first look.
-            await watch_stages(rt.bootstrap, rt.pool, stop, rt.settings.stall_seconds)
-
-        return {**scheduler_tasks(rt), "stage-samples": samples}
-    if stage == "kb":
-        from workers.kb_suggest import kb_suggest_tasks
-
-        return kb_suggest_tasks(rt)
-    raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    return registry.worker(stage).build(rt)
 
 
 def all_tasks(rt: Runtime) -> dict[str, StageFactory]:
+    """Every stage's tasks: what `loket up` runs."""
     tasks: dict[str, StageFactory] = {}
-    for stage in STAGES:
-        tasks.update(stage_tasks(rt, stage))
+    for worker in registry.WORKERS:
+        tasks.update(worker.build(rt))
     return tasks

@@ -42,7 +42,6 @@ _FAX_SUFFIXES = (".pdf", ".tif", ".tiff")
 # Faxes are slow to recognise: one fax per core a batch, so a batch lasts as long as its
 # longest fax (a commit, and progress to `loket status`, after each round) and a rebalance
 # redoes little.
-OCR_BATCH = os.cpu_count() or 1
 OCR_STAGE = "ocr"
 
 
@@ -200,13 +199,10 @@ def ocr_handler(rt: Runtime, setups: dict[str, FaxSetup]) -> bus.BatchHandler:
     return handle
 
 
-def ocr_tasks(rt: Runtime) -> dict[str, StageFactory]:
-    """The OCR stage: faxes are recognised here, off the hot path."""
+def ocr_handler_for(rt: Runtime) -> bus.BatchHandler | None:
+    """The OCR stage's handler: faxes are recognised there, off the hot path; None without fax."""
     setups = fax_setups(rt)
-    if not setups:
-        return {}
-    handler = ocr_handler(rt, setups)
-    return {OCR_STAGE: rt.stage_task(OCR_STAGE, [bus.FAX], handler, batch_size=OCR_BATCH)}
+    return ocr_handler(rt, setups) if setups else None
 
 
 # --- outbound: the reply as a PDF mailed to the gateway ----------------------------------------

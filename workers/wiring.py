@@ -11,19 +11,6 @@ from channels.types import DeliveryResult, OutboundReply
 Sender = Callable[[OutboundReply], Awaitable[DeliveryResult]]
 StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
-# The stages `loket worker STAGE` runs (besides `http`); `loket up` runs them all.
-STAGES = (
-    "normalizer",
-    "ticketing",
-    "receipts",
-    "relay",
-    "delivery",
-    "pollers",
-    "ocr",
-    "scheduler",
-    "kb",
-)
-
 # One module per channel family, each with `senders(rt)` and `pollers(rt)`.
 WIRING_MODULES = (
     "workers.wire_email",
