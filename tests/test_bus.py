@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from tests.support import burst
 from tests.support.broker import TansuBroker
-from workers import bus
+from workers.pipeline import bus
 
 
 @pytest.fixture

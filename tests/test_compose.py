@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from workers import registry
 from workers.cli import build_parser
-from workers.settings import Settings
+from workers.pipeline import registry
+from workers.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from channels import facebook, kannel, telegram, twilio, twitter
 from channels.fax import FaxAccount
 from channels.smtp import EmailAccount
 from ticketing.rules import TicketRules
-from workers.settings import ConfigError, Settings, load_channels, other_sections
+from workers.runtime.settings import ConfigError, Settings, load_channels, other_sections
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "loket.example.toml"
 

@@ -214,8 +214,8 @@ def test_recognized_pages_over_the_text_budget_are_cut_with_the_full_text_attach
     from channels.blobs import DiskBlobStore
     from channels.budget import TEXT_CUT_META, TEXT_FILENAME
     from channels.types import AttachmentRef, RawInbound
-    from workers.settings import Settings
-    from workers.wire_fax import recognize
+    from workers.pipeline.wiring.fax import recognize
+    from workers.runtime.settings import Settings
 
     line = "Laporan gangguan jaringan internet di sekolah sejak hari Senin pagi"
     pdf = faxgen.text_pdf(((line,) * 30,))  # one full page, about 2,000 characters

@@ -20,7 +20,7 @@ from tests.support import db
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack
 from ticketing import idempotency as store
-from workers import idempotency
+from workers.web import idempotency
 
 pytestmark = pytest.mark.slow
 

@@ -30,9 +30,10 @@ from ticketing import callers, journal
 from ticketing.db import create_pool, migrate
 from ticketing.inbound import apply_matched
 from ticketing.rules import TicketRules
-from workers import bus, journal_relay, webhooks
-from workers.runtime import Runtime
-from workers.settings import Settings
+from workers.pipeline import bus, journal_relay
+from workers.runtime.runtime import Runtime
+from workers.runtime.settings import Settings
+from workers.web import webhooks
 
 RULES = TicketRules(followup_window=timedelta(days=7))
 

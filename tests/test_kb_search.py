@@ -291,7 +291,7 @@ async def test_drafts_and_retired_articles_are_not_found_until_published(
 
 @pytest.mark.slow
 def test_search_latency_at_fifty_thousand_articles() -> None:
-    from workers.kb_bench import run_bench
+    from workers.tools.kb_bench import run_bench
 
     url = db.create_database("loket_kb_bench")
     try:
@@ -306,8 +306,8 @@ def test_search_latency_at_fifty_thousand_articles() -> None:
 def test_suggestion_stage_picks_tickets_with_a_callers_message() -> None:
     from aiokafka.structs import ConsumerRecord
 
-    from workers.bus import PoisonMessage
-    from workers.kb_suggest import tickets_to_suggest
+    from workers.pipeline.bus import PoisonMessage
+    from workers.pipeline.kb_suggest import tickets_to_suggest
 
     def record(value: bytes) -> ConsumerRecord:
         return ConsumerRecord("loket.events", 0, 0, 0, 0, None, value, None, 0, len(value), ())

@@ -28,9 +28,9 @@ from tests.support.platforms import GraphServer, Recorded, TelegramServer
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack, wait_until
 from tests.test_social_e2e import PlatformLoop, fixture_json, telegram_update
-from workers import logsafety
 from workers.cli import JsonFormatter
-from workers.settings import resolve_env
+from workers.runtime import logsafety
+from workers.runtime.settings import resolve_env
 
 # --- the redactor -------------------------------------------------------------------------------
 

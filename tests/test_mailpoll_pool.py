@@ -19,11 +19,11 @@ from channels.types import RawInbound, raw_decoder
 from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.dovecot import DovecotServer
-from workers import bus, mailpoll
-from workers.mailpoll import MailCursor, MailPoller
-from workers.runtime import Runtime
-from workers.settings import Settings
-from workers.supervisor import open_runtime
+from workers.pipeline import bus, mailpoll
+from workers.pipeline.mailpoll import MailCursor, MailPoller
+from workers.runtime.runtime import Runtime
+from workers.runtime.settings import Settings
+from workers.runtime.supervisor import open_runtime
 
 pytestmark = pytest.mark.slow
 PASSWORD = "pool-secret-123"

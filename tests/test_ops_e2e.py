@@ -32,7 +32,7 @@ from tests.support.dovecot import DovecotServer
 from tests.support.ports import free_port
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack, wait_until
-from workers import registry
+from workers.pipeline import registry
 
 pytestmark = pytest.mark.slow
 PASSWORD = "ops-secret-123"

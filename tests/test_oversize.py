@@ -28,7 +28,8 @@ from tests.support.broker import TansuBroker
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack, wait_until
-from workers import bus, metrics
+from workers.pipeline import bus
+from workers.runtime import metrics
 
 TG_SECRET = "tg-oversize-secret-42"
 KANNEL_SECRET = "kannel-oversize-secret-0123"

@@ -20,8 +20,8 @@ from ticketing.db import create_pool, migrate
 from ticketing.inbound import apply_matched
 from ticketing.rules import TicketRules
 from ticketing.states import TransitionError
-from workers.report import render
-from workers.scheduler import run_sla
+from workers.ops.report import render
+from workers.pipeline.scheduler import run_sla
 
 RULES = TicketRules(followup_window=timedelta(days=7))
 

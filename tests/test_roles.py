@@ -51,12 +51,10 @@ def test_readme_table_is_the_matrix() -> None:
 
 
 def test_every_api_route_names_its_permission() -> None:
-    from workers import api, desk, kb_api, ops_api
+    from workers.web.api import desk, kb, ops, tickets
 
     unguarded = []
-    for route in (
-        api.router.routes + desk.router.routes + kb_api.router.routes + ops_api.router.routes
-    ):
+    for route in tickets.router.routes + desk.router.routes + kb.router.routes + ops.router.routes:
         named = [getattr(d.call, "permission", None) for d in route.dependant.dependencies]  # type: ignore[attr-defined]
         for method in route.methods:  # type: ignore[attr-defined]
             key = (method, route.path)  # type: ignore[attr-defined]
@@ -72,11 +70,11 @@ _CHECKS = re.compile(r"await _(?:login_required|session_agent)\(request, \"([a-z
 
 
 def console_routes() -> dict[tuple[str, str], Callable[..., object]]:
-    from workers import console
+    from workers.web.console import pages
 
     return {
         (method, route.path): route.endpoint  # type: ignore[attr-defined]
-        for route in console.router.routes
+        for route in pages.router.routes
         for method in route.methods  # type: ignore[attr-defined]
     }
 

@@ -28,7 +28,7 @@ from tests.support.broker import TansuBroker
 from tests.support.kannel import KannelGateway, kannel_available
 from tests.support.ports import free_port
 from tests.support.stack import LoketStack, wait_until
-from workers import bus
+from workers.pipeline import bus
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,8 +21,9 @@ from aiokafka.structs import ConsumerRecord
 from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.stack import LoketStack, wait_until
-from workers import bus, metrics
-from workers.metrics import StageProgress
+from workers.pipeline import bus
+from workers.runtime import metrics
+from workers.runtime.metrics import StageProgress
 
 KANNEL_SECRET = "kannel-stall-secret-0123"
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from workers import supervisor as supervision
-from workers.supervisor import Supervisor
+from workers.runtime import supervisor as supervision
+from workers.runtime.supervisor import Supervisor
 
 
 async def test_crashed_task_is_restarted_and_stop_ends_everything() -> None:

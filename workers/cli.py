@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 
-from workers import logsafety, registry
-from workers.settings import ConfigError, Settings
+from workers.pipeline import registry
+from workers.runtime import logsafety
+from workers.runtime.settings import ConfigError, Settings
 
 log = logging.getLogger("loket")
 
@@ -41,7 +42,7 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:  # already redacted (workers/logsafety.py)
+        if record.exc_text:  # already redacted (workers/runtime/logsafety.py)
             entry["exc"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False, default=str)
 
@@ -61,8 +62,8 @@ def setup_logging(settings: Settings) -> None:
 
 
 async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-    from workers.http import create_app
-    from workers.httpserver import server_config
+    from workers.web.app import create_app
+    from workers.web.server import server_config
 
     host, port = rt.settings.host_port()
     app = create_app(rt, stages_ready=lambda: dict(supervisor.running))
@@ -82,7 +83,7 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 
 async def run_up(settings: Settings, demo: bool) -> None:
-    from workers.supervisor import Supervisor, all_tasks, open_runtime
+    from workers.runtime.supervisor import Supervisor, all_tasks, open_runtime
 
     async with open_runtime(settings) as rt:
         supervisor = Supervisor()
@@ -100,7 +101,7 @@ async def run_up(settings: Settings, demo: bool) -> None:
             print("  note: the embedded broker keeps messages in memory; use Kafka in production")
         print(f"  stages: {', '.join(sorted(tasks))}. Press Ctrl-C to stop.")
         if demo:
-            from workers.demo import run_demo
+            from workers.tools.demo import run_demo
 
             asyncio.create_task(run_demo(rt))
         await supervisor.run(tasks)
@@ -108,7 +109,7 @@ async def run_up(settings: Settings, demo: bool) -> None:
 
 
 async def run_worker(settings: Settings, stage: str) -> None:
-    from workers.supervisor import Supervisor, open_runtime, stage_tasks
+    from workers.runtime.supervisor import Supervisor, open_runtime, stage_tasks
 
     async with open_runtime(settings) as rt:
         supervisor = Supervisor()
@@ -150,7 +151,7 @@ async def database_url(settings: Settings) -> AsyncIterator[str]:
     if settings.database_url:
         yield settings.database_url
         return
-    from workers.embedded import EmbeddedPostgres
+    from workers.runtime.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(settings.data_dir / "postgres")
     url = await asyncio.to_thread(embedded.start)
@@ -249,11 +250,11 @@ def add_ops_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_ops_command(settings: Settings, args: argparse.Namespace) -> int:
-    from workers import ops
+    from workers.ops import render
 
     if args.command == "status":
         return asyncio.run(
-            ops.run_status(
+            render.run_status(
                 settings,
                 as_json=args.json,
                 stall_seconds=args.stall_seconds,
@@ -261,8 +262,8 @@ def run_ops_command(settings: Settings, args: argparse.Namespace) -> int:
             )
         )
     if args.command == "trace":
-        return asyncio.run(ops.run_trace(settings, args.id, as_json=args.json))
-    return asyncio.run(ops.run_dlq(
+        return asyncio.run(render.run_trace(settings, args.id, as_json=args.json))
+    return asyncio.run(render.run_dlq(
         settings, args.dlq_command, getattr(args, "ids", []), stage=getattr(args, "stage", None),
         everything=getattr(args, "everything", False), force=getattr(args, "force", False), as_json=args.json,
     ))  # fmt: skip
@@ -326,7 +327,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def run_bench_command(settings: Settings, args: argparse.Namespace) -> None:
-    from workers.bench import BenchOptions, format_text, run_bench
+    from workers.tools.bench import BenchOptions, format_text, run_bench
 
     options = BenchOptions(
         messages=args.messages, callers=args.callers, size=args.size, rate=args.rate,
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "agent":
             asyncio.run(run_agent_add(settings, args.username, args.role, args.password))
         elif args.command == "report":
-            from workers.report import run_report_open
+            from workers.ops.report import run_report_open
 
             asyncio.run(run_report_open(settings, as_json=args.json))
         elif args.command == "bench":

@@ -1,0 +1,145 @@
+"""What every stage of one process shares: settings, pool, producer, blob store, accounts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from channels.blobs import DiskBlobStore
+from channels.smtp import EmailAccount
+from ticketing.rules import TicketRules
+from workers.pipeline import bus
+from workers.runtime.embedded import EmbeddedBroker
+from workers.runtime.settings import Settings, load_channels, other_sections
+
+log = logging.getLogger(__name__)
+StageFactory = Callable[[asyncio.Event], Awaitable[None]]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    database_url: str
+    bootstrap: str
+    pool: asyncpg.Pool
+    producer: AIOKafkaProducer
+    blobs: DiskBlobStore
+    channels: dict[str, list[dict[str, Any]]]
+    rules: TicketRules
+    started: dict[str, str] = field(
+        default_factory=dict
+    )  # what infrastructure this process started
+    # How often the broker came back without its topics (an in-memory broker restarted).
+    broker_epoch: int = 0
+    # When this process last saw that (time.time()); 0 when it never did.
+    broker_reset_at: float = 0.0
+    # The broker this process started (nothing configured); started again when it dies.
+    embedded_broker: EmbeddedBroker | None = None
+    _senders: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def senders(self) -> dict[str, Any]:
+        """The delivery function of each outbound channel with accounts, built once."""
+        if self._senders is None:
+            from workers.pipeline.wiring import all_senders
+
+            self._senders = all_senders(self)
+        return self._senders
+
+    def stage_task(
+        self,
+        name: str,
+        topics: list[str],
+        handler: bus.BatchHandler,
+        *,
+        group_id: str | None = None,
+        batch_size: int = 500,
+    ) -> StageFactory:
+        """A supervised consumer-group stage running `handler` over `topics`."""
+
+        async def run(stop: asyncio.Event) -> None:
+            stage = bus.Stage(
+                name=name, topics=topics, handle=handler, bootstrap=self.bootstrap,
+                producer=self.producer, max_attempts=self.settings.max_attempts,
+                batch_size=batch_size, group_id=group_id, partitions=self.settings.partitions,
+                replication=self.settings.kafka_replication, epoch=lambda: self.broker_epoch,
+            )  # fmt: skip
+            watcher = asyncio.create_task(_stop_when(stop, stage.stop))
+            try:
+                await stage.run()
+            finally:
+                watcher.cancel()
+
+        return run
+
+    async def watch_broker(self, stop: asyncio.Event) -> None:
+        """Notice a broker that came back empty, recreate the topics, and bump the epoch.
+
+        The embedded broker keeps everything in memory: after a restart its topics, offsets
+        and groups are gone, and consumers that kept their old positions would skip the
+        first messages of the new topics. Stages and pollers restart on a new epoch. The
+        marker topic tells: a webhook accepted right after the restart creates its own topic
+        again, but nothing ever creates the marker except `ensure_topics`. An embedded broker
+        that died is started again here, and that is a reset whatever the marker says.
+        """
+        reset = False
+        while not stop.is_set():
+            try:
+                broker = self.embedded_broker
+                if broker is not None and not broker.running:
+                    log.warning("the embedded broker stopped; starting it again (empty)")
+                    # Before it is back: no stage may commit its old positions to the new one.
+                    self.broker_epoch += 1
+                    await broker.restart()
+                    reset = True
+                metadata = await asyncio.wait_for(
+                    self.producer.client.fetch_all_metadata(), timeout=5
+                )
+                if reset or bus.MARKER not in metadata.topics():
+                    await bus.ensure_topics(
+                        self.bootstrap, self.settings.partitions, self.settings.kafka_replication
+                    )
+                    reset = False
+                    self.broker_epoch += 1
+                    self.broker_reset_at = time.time()
+                    log.warning(
+                        "the broker came back without its topics; recreated them (epoch %d)",
+                        self.broker_epoch,
+                    )
+            except (bus.KafkaError, OSError, TimeoutError) as exc:
+                log.debug("broker watch: %s", exc)
+            except RuntimeError as exc:  # the embedded broker did not come up: try again
+                log.error("broker watch: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+    @property
+    def email_accounts(self) -> dict[str, EmailAccount]:
+        return {e["name"]: EmailAccount.from_config(e) for e in self.channels.get("email", [])}
+
+    def account_names(self) -> dict[str, list[str]]:
+        """Configured account names by outbound channel, for choosing where a reply goes."""
+        return {kind: [a["name"] for a in entries] for kind, entries in self.channels.items()}
+
+    def own_addresses(self) -> frozenset[str]:
+        return frozenset(a.address.lower() for a in self.email_accounts.values())
+
+
+def load_rules(settings: Settings) -> TicketRules:
+    return TicketRules.from_config(settings.followup_days, other_sections(settings.config))
+
+
+def load_accounts(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    return load_channels(settings.config)
+
+
+async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
+    await stop.wait()
+    action()
