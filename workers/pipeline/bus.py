@@ -346,6 +346,8 @@ class Stage:
     # The broker's reset count (see Runtime.watch_broker): when it changes, this consumer's
     # positions belong to a broker that no longer exists, so the stage ends and is restarted.
     epoch: Callable[[], int] | None = None
+    # Makes the consumer instead of the broker's own (an in-memory one in fast tests).
+    consumer: Callable[[], AIOKafkaConsumer] | None = None
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
     _positions: _StartNewPartitionsAtZero | None = field(default=None, init=False)
     _started_epoch: int = field(default=0, init=False)
@@ -355,19 +357,7 @@ class Stage:
     async def run(self) -> None:
         if self.partitions:
             await ensure_topics(self.bootstrap, self.partitions, self.replication)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id or f"loket.{self.name}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.batch_size,
-            # Short, so a restarted member rejoins fast: heartbeats run beside the batch work.
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
-            max_poll_interval_ms=600000,
-            # A broker that holds an empty fetch for the whole wait delays every hop by it.
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        )
+        consumer = self.consumer() if self.consumer is not None else self._kafka_consumer()
         self._consumer = consumer
         self._positions = _StartNewPartitionsAtZero(consumer)
         consumer.subscribe(self.topics, listener=self._positions)
@@ -397,6 +387,21 @@ class Stage:
             except TimeoutError:
                 log.error("stage %s: the consumer did not close in %.0fs; going on without it",
                           self.name, CLOSE_TIMEOUT)  # fmt: skip
+
+    def _kafka_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id or f"loket.{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_size,
+            # Short, so a restarted member rejoins fast: heartbeats run beside the batch work.
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            max_poll_interval_ms=600000,
+            # A broker that holds an empty fetch for the whole wait delays every hop by it.
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        )
 
     def _must_restart(self) -> bool:
         """Whether this consumer must give way to a fresh one, said in the log when it must."""
