@@ -17,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 from tests.support import burst
 from tests.support.broker import TansuBroker
 from workers.pipeline import bus
+from workers.pipeline.stage import ASSIGN_TIMEOUT, CLOSE_TIMEOUT, Stage, _StartNewPartitionsAtZero
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ async def _run_stage(
     """Run a stage over `topics` until `until` is set or `seconds` pass."""
     producer = bus.make_producer(bootstrap, idempotence=False)
     await producer.start()
-    stage = bus.Stage(name=name, topics=topics, handle=handle, bootstrap=bootstrap,
+    stage = Stage(name=name, topics=topics, handle=handle, bootstrap=bootstrap,
                       producer=producer)  # fmt: skip
     running = asyncio.create_task(stage.run())
     try:
@@ -174,7 +175,7 @@ async def test_a_batch_read_before_a_reset_is_not_committed(broker: TansuBroker)
 
     producer = bus.make_producer(broker.bootstrap, idempotence=False)
     await producer.start()
-    stage = bus.Stage(name="reset-test", topics=[topic], handle=reset_during_the_batch,
+    stage = Stage(name="reset-test", topics=[topic], handle=reset_during_the_batch,
                       bootstrap=broker.bootstrap, producer=producer, epoch=lambda: epoch[0])  # fmt: skip
     try:
         await asyncio.wait_for(stage.run(), timeout=20)  # ends by itself on the new epoch
@@ -195,13 +196,15 @@ async def test_a_broker_lost_while_a_member_learns_its_positions_does_not_hold_t
     await _numbers_on_one_partition(broker.bootstrap, topic, 5)
     epoch = [0]
 
-    class BrokerDiesWhileAssigning(bus._StartNewPartitionsAtZero):
+    class BrokerDiesWhileAssigning(_StartNewPartitionsAtZero):
         async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
             broker.kill()
             epoch[0] += 1  # loket noticed, as Runtime.watch_broker does
             await super().on_partitions_assigned(assigned)
 
-    monkeypatch.setattr(bus, "_StartNewPartitionsAtZero", BrokerDiesWhileAssigning)
+    monkeypatch.setattr(
+        "workers.pipeline.stage._StartNewPartitionsAtZero", BrokerDiesWhileAssigning
+    )
     got: list[ConsumerRecord] = []
 
     async def handle(records: list[ConsumerRecord]) -> list[bus.Publish]:
@@ -210,11 +213,11 @@ async def test_a_broker_lost_while_a_member_learns_its_positions_does_not_hold_t
 
     producer = bus.make_producer(broker.bootstrap, idempotence=False)
     await producer.start()
-    stage = bus.Stage(name="assign-test", topics=[topic], handle=handle,
+    stage = Stage(name="assign-test", topics=[topic], handle=handle,
                       bootstrap=broker.bootstrap, producer=producer, epoch=lambda: epoch[0])  # fmt: skip
     try:
         # Ends by itself, its consumer closed: the supervisor starts a fresh one.
-        await asyncio.wait_for(stage.run(), timeout=bus.ASSIGN_TIMEOUT + bus.CLOSE_TIMEOUT + 10)
+        await asyncio.wait_for(stage.run(), timeout=ASSIGN_TIMEOUT + CLOSE_TIMEOUT + 10)
     finally:
         await producer.stop()
     assert epoch[0] == 1  # the broker did die during the assignment

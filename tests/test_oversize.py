@@ -29,6 +29,7 @@ from tests.support.dovecot import DovecotServer
 from tests.support.smtp import SmtpServer
 from tests.support.stack import LoketStack, wait_until
 from workers.pipeline import bus
+from workers.pipeline.stage import Stage
 from workers.runtime import metrics
 
 TG_SECRET = "tg-oversize-secret-42"
@@ -132,7 +133,7 @@ async def run_oversize_stage(bootstrap: str, *, traced: bool) -> tuple[str, list
             out.append(bus.Publish(target, json.dumps(value).encode(), record.key))
         return out
 
-    stage = bus.Stage(name=name, topics=[source], handle=handle, bootstrap=bootstrap,
+    stage = Stage(name=name, topics=[source], handle=handle, bootstrap=bootstrap,
                       producer=producer)  # fmt: skip
     running = asyncio.create_task(stage.run())
     try:
@@ -184,7 +185,7 @@ async def test_an_outage_is_still_waited_out(tmp_path: Path) -> None:
     producer = bus.make_producer(server.bootstrap, idempotence=False)
     await producer.start()
     try:
-        stage = bus.Stage(name=f"outage-{uuid.uuid4().hex[:6]}", topics=["loket.test.unused"],
+        stage = Stage(name=f"outage-{uuid.uuid4().hex[:6]}", topics=["loket.test.unused"],
                           handle=handle_nothing, bootstrap=server.bootstrap, producer=producer)  # fmt: skip
         server.kill()
         publishing = asyncio.create_task(

@@ -16,13 +16,14 @@ from aiokafka.structs import ConsumerRecord
 
 from tests.support.memory_bus import MemoryBroker
 from workers.pipeline import bus
+from workers.pipeline.stage import Stage
 
 IN, OUT = "test.in", "test.out"
 GROUP = "loket.memory-test"
 
 
-def stage(broker: MemoryBroker, handle: bus.BatchHandler, **options: object) -> bus.Stage:
-    return bus.Stage(name="memory-test", topics=[IN], handle=handle, bootstrap="",
+def stage(broker: MemoryBroker, handle: bus.BatchHandler, **options: object) -> Stage:
+    return Stage(name="memory-test", topics=[IN], handle=handle, bootstrap="",
                      producer=broker.producer(), consumer=lambda: broker.consumer(GROUP),
                      **options)  # type: ignore[arg-type]  # fmt: skip
 
@@ -31,7 +32,7 @@ def committed(broker: MemoryBroker) -> int | None:
     return broker.committed.get((GROUP, TopicPartition(IN, 0)))
 
 
-async def run_until_committed(broker: MemoryBroker, running: bus.Stage, offset: int) -> None:
+async def run_until_committed(broker: MemoryBroker, running: Stage, offset: int) -> None:
     """Run `running` until it committed `offset` on the input topic (5 s at most)."""
     task = asyncio.create_task(running.run())
     deadline = time.monotonic() + 5

@@ -22,6 +22,7 @@ from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.stack import LoketStack, wait_until
 from workers.pipeline import bus
+from workers.pipeline.stage import Stage
 from workers.runtime import metrics
 from workers.runtime.metrics import StageProgress
 
@@ -109,7 +110,7 @@ async def test_a_blocked_handler_is_reported_stalled_until_it_commits(broker: Ta
         await release.wait()
         return []
 
-    stage = bus.Stage(name=name, topics=[topic], handle=handle, bootstrap=broker.bootstrap,
+    stage = Stage(name=name, topics=[topic], handle=handle, bootstrap=broker.bootstrap,
                       producer=producer)  # fmt: skip
     running = asyncio.create_task(stage.run())
     try:

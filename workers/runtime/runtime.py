@@ -17,6 +17,7 @@ from channels.blobs import DiskBlobStore
 from channels.smtp import EmailAccount
 from ticketing.rules import TicketRules
 from workers.pipeline import bus
+from workers.pipeline.stage import Stage
 from workers.runtime.embedded import EmbeddedBroker
 from workers.runtime.settings import Settings, load_channels, other_sections
 
@@ -65,7 +66,7 @@ class Runtime:
         """A supervised consumer-group stage running `handler` over `topics`."""
 
         async def run(stop: asyncio.Event) -> None:
-            stage = bus.Stage(
+            stage = Stage(
                 name=name, topics=topics, handle=handler, bootstrap=self.bootstrap,
                 producer=self.producer, max_attempts=self.settings.max_attempts,
                 batch_size=batch_size, group_id=group_id, partitions=self.settings.partitions,

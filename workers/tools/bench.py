@@ -34,6 +34,7 @@ from channels.smtp import EmailAccount
 from channels.types import RawInbound, encoder
 from workers.ops.status import true_end_offsets
 from workers.pipeline import bus, registry
+from workers.pipeline.stage import Stage
 from workers.runtime.embedded import free_port
 from workers.runtime.runtime import Runtime
 from workers.runtime.settings import ConfigError, Settings
@@ -193,7 +194,7 @@ class InProcessStages:
             declared = registry.consumer(name)
             handle = declared.handler(rt)
             assert handle is not None  # the inbound stages always have work
-            self.stages.append(bus.Stage(
+            self.stages.append(Stage(
                 name=name, topics=[declared.topic], handle=handle, bootstrap=rt.bootstrap,
                 producer=rt.producer, max_attempts=rt.settings.max_attempts,
                 batch_size=declared.batch_size, group_id=self.groups[name],
