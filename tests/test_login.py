@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.stack import LoketStack
 from ticketing import agents
-from workers.web.api.tickets import LoginThrottle, LoginThrottled
+from workers.web.api.auth import LoginThrottle, LoginThrottled
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_PASSWORD = "rahasia-loket-123"  # tests/support/stack.py's default

@@ -14,7 +14,7 @@ from ticketing.db import migrations_current
 from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 from workers.web import webhooks
-from workers.web.api import desk, kb, ops, tickets
+from workers.web.api import auth, desk, kb, ops, tickets
 from workers.web.console import pages
 
 ReadyCheck = Callable[[], dict[str, bool]]
@@ -32,6 +32,7 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = rt
+    app.include_router(auth.router)
     app.include_router(tickets.router)
     app.include_router(desk.router)
     app.include_router(kb.router)

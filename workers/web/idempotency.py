@@ -192,8 +192,8 @@ class Idempotency:
 def for_api(agent_dependency: Callable[..., Any]) -> Callable[..., Awaitable[Idempotency]]:
     """The FastAPI dependency for an API route, after `agent_dependency` (the logged-in agent).
 
-    Taking the agent dependency as an argument keeps this module free of workers.web.api.tickets, which
-    uses it; FastAPI runs the agent dependency once per request however many ask for it.
+    Taking the agent dependency as an argument keeps this module free of workers.web.api.auth,
+    which uses it; FastAPI runs the agent dependency once per request however many ask for it.
     """
 
     # Defaults, not Annotated: with postponed annotations FastAPI would look for

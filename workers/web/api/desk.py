@@ -17,15 +17,8 @@ from channels.types import Identity
 from ticketing import procedure
 from ticketing.callers import IdentityTaken
 from ticketing.states import TransitionError
-from workers.web.api.tickets import (
-    CurrentAgent,
-    Idempotent,
-    TicketDetail,
-    ensure_allowed,
-    load_ticket,
-    require,
-    runtime,
-)
+from workers.web.api.auth import CurrentAgent, Idempotent, ensure_allowed, require, runtime
+from workers.web.api.tickets import TicketDetail, load_ticket
 
 router = APIRouter(prefix="/api")
 

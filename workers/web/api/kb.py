@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from ticketing import kb
-from workers.web.api.tickets import CurrentAgent, ensure_allowed, require, runtime
+from workers.web.api.auth import CurrentAgent, ensure_allowed, require, runtime
 
 router = APIRouter(prefix="/api")
 

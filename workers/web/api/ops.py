@@ -11,7 +11,7 @@ from workers.ops.shunt import shunt_entries
 from workers.ops.status import collect_status, series
 from workers.ops.trace import trace as trace_of
 from workers.runtime.runtime import Runtime
-from workers.web.api.tickets import CurrentAgent, require
+from workers.web.api.auth import CurrentAgent, require
 
 router = APIRouter(prefix="/api/ops", tags=["ops"])
 

@@ -36,7 +36,7 @@ from ticketing.states import CLOSE_REASONS, STATUSES, TIERS, TransitionError
 from workers.pipeline import bus
 from workers.runtime.runtime import Runtime
 from workers.web import idempotency
-from workers.web.api.tickets import SESSION_COOKIE, LoginRefused, log_in
+from workers.web.api.auth import SESSION_COOKIE, LoginRefused, log_in
 from workers.web.console.i18n import LANG_COOKIE, LANGUAGES, Translator
 
 log = logging.getLogger(__name__)
