@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from channels import media
+from channels.base import Adapter, Context, WebhookRequest
 from channels.social_common import (
     dropped_attachment,
     filename_from_url,
@@ -352,3 +353,25 @@ def _regain_access(response: httpx.Response) -> float:
                 if isinstance(minutes, int | float) and minutes > 0:
                     waits.append(float(minutes) * 60.0)
     return max(waits) if waits else DEFAULT_RATE_LIMIT_WAIT
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+async def _webhook(
+    account: FacebookAccount, request: WebhookRequest, ctx: Context
+) -> WebhookOutcome:
+    return await handle_webhook(
+        account, request.method, request.query, request.headers, request.body,
+        blobs=ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes,
+    )  # fmt: skip
+
+
+async def _send(account: FacebookAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+    return await send(account, reply)
+
+
+ADAPTER: Adapter[FacebookAccount] = Adapter(
+    name="facebook", channel="facebook", path="facebook", account=FacebookAccount.from_config,
+    webhook=_webhook, webhook_methods=("GET", "POST"), send=_send,
+)  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from channels.base import Adapter, Context, WebhookRequest
 from channels.sms import encoding_for
 from channels.types import (
     ChannelError,
@@ -280,3 +281,25 @@ async def send(
     if answer.startswith("3:") and "queued" not in answer.lower():
         raise ChannelError(f"Kannel refused the message: {answer}", permanent=True)
     return DeliveryResult(status="sent", reason=answer or None)
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+async def _webhook(account: KannelAccount, request: WebhookRequest, ctx: Context) -> WebhookOutcome:
+    return handle_webhook(
+        account, request.method, request.query, request.headers, request.body,
+        remote_addr=request.remote_addr,
+    )  # fmt: skip
+
+
+async def _send(account: KannelAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+    return await send(
+        account, reply, dlr_url=ctx.webhook_url(ADAPTER, account.name), client=ctx.http
+    )
+
+
+ADAPTER: Adapter[KannelAccount] = Adapter(
+    name="kannel", channel="sms", path="sms/kannel", account=KannelAccount.from_config,
+    webhook=_webhook, webhook_methods=("GET", "POST"), send=_send, default_provider="kannel",
+)  # fmt: skip

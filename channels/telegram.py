@@ -24,6 +24,7 @@ from telegram.error import (
 from telegram.ext import AIORateLimiter, ExtBot
 
 from channels import media
+from channels.base import Adapter, Context, WebhookRequest
 from channels.social_common import (
     dropped_attachment,
     json_object,
@@ -369,3 +370,31 @@ def _channel_error(exc: TelegramError) -> ChannelError:
     if isinstance(exc, TimedOut | NetworkError):
         return ChannelError(f"Telegram: {exc.message}", permanent=False)
     return ChannelError(f"Telegram: {exc.message}", permanent=False)
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+async def _webhook(
+    account: TelegramAccount, request: WebhookRequest, ctx: Context
+) -> WebhookOutcome:
+    return await handle_webhook(
+        account, request.method, request.query, request.headers, request.body,
+        blobs=ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes,
+    )  # fmt: skip
+
+
+async def _send(account: TelegramAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+    return await send(account, reply)
+
+
+async def _poll(
+    account: TelegramAccount, cursor: str | None, ctx: Context
+) -> tuple[list[RawInbound], str | None]:
+    return await poll(account, cursor, ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes)
+
+
+ADAPTER: Adapter[TelegramAccount] = Adapter(
+    name="telegram", channel="telegram", path="telegram", account=TelegramAccount.from_config,
+    webhook=_webhook, send=_send, poll=_poll, poll_seconds=2.0,
+)  # fmt: skip

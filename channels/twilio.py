@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from channels.base import Adapter, Context, WebhookRequest
 from channels.types import (
     ChannelError,
     DeliveryReceipt,
@@ -231,3 +232,22 @@ async def send(
     if response.status_code == 429 or response.status_code >= 500:
         raise ChannelError(reason, permanent=False, retry_after=_retry_after(response))
     raise ChannelError(reason, permanent=True)
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+async def _webhook(account: TwilioAccount, request: WebhookRequest, ctx: Context) -> WebhookOutcome:
+    # The signature covers the URL the provider called: loket's public URL, path and query.
+    return handle_webhook(account, request.method, request.url, request.headers, request.body)
+
+
+async def _send(account: TwilioAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+    callback = ctx.webhook_url(ADAPTER, account.name)
+    return await send(account, reply, status_callback=callback, client=ctx.http)
+
+
+ADAPTER: Adapter[TwilioAccount] = Adapter(
+    name="twilio", channel="sms", path="sms/twilio", account=TwilioAccount.from_config,
+    webhook=_webhook, send=_send, default_provider="kannel",
+)  # fmt: skip

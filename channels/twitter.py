@@ -16,6 +16,7 @@ import tweepy.errors
 from tweepy.asynchronous import AsyncClient
 from yarl import URL
 
+from channels.base import Adapter, Context, WebhookRequest
 from channels.social_common import hmac_sha256, json_object, same_secret
 from channels.types import (
     AttachmentRef,
@@ -479,3 +480,32 @@ async def _poll_mentions(
 
 def _users(page: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(u.get("id")): u for u in (page.get("includes") or {}).get("users") or []}
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+async def _webhook(
+    account: TwitterAccount, request: WebhookRequest, ctx: Context
+) -> WebhookOutcome:
+    return await handle_webhook(
+        account, request.method, request.query, request.headers, request.body, blobs=ctx.blobs
+    )
+
+
+async def _send(account: TwitterAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+    return await send(account, reply)
+
+
+async def _poll(
+    account: TwitterAccount, cursor: str | None, ctx: Context
+) -> tuple[list[RawInbound], str | None]:
+    return await poll(account, cursor, ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes)
+
+
+ADAPTER: Adapter[TwitterAccount] = Adapter(
+    name="twitter", channel="twitter", path="twitter", account=TwitterAccount.from_config,
+    webhook=_webhook, webhook_methods=("GET", "POST"), send=_send, poll=_poll,
+    # X's read endpoints allow a few hundred calls per 15 minutes; once a minute stays inside.
+    poll_seconds=60.0,
+)  # fmt: skip

@@ -398,6 +398,9 @@ def test_forged_missing_malformed_and_oversize_webhooks_publish_nothing(hooks: L
             "Content-Type": "application/x-www-form-urlencoded"}), (413,)),
         ("kannel, unknown account", client.get("/webhooks/sms/kannel", params={**kannel_query, "account": "nope",
                                                                                  "secret": KANNEL_SECRET}), (404,)),
+        ("no such provider", client.post("/webhooks/sms/carrier-pigeon", content=b"hai"), (404,)),
+        ("telegram, GET", client.get("/webhooks/telegram"), (405,)),
+        ("twilio, GET", client.get(twilio_url), (405,)),
     ]  # fmt: skip
     wrong = [
         (name, r.status_code, r.text[:120])

@@ -30,7 +30,7 @@ from ticketing import callers, journal
 from ticketing.db import create_pool, migrate
 from ticketing.inbound import apply_matched
 from ticketing.rules import TicketRules
-from workers.pipeline import bus, journal_relay
+from workers.pipeline import bus, intake, journal_relay
 from workers.runtime.runtime import Runtime
 from workers.runtime.settings import Settings
 from workers.web import webhooks
@@ -329,7 +329,7 @@ async def test_a_record_over_the_broker_limit_is_refused_for_good_and_not_kept(
     assert await journal.backlog(conn) == 0  # nothing for the relay to retry for ever
     # The edge's budget (channels/budget.py) keeps such a record from being made; should one
     # slip past it, the webhook refuses it for good instead of answering "broker unavailable".
-    monkeypatch.setattr(webhooks, "fit_raw", lambda *_: False)
+    monkeypatch.setattr(intake, "fit_raw", lambda *_: False)
     outcome = WebhookOutcome(messages=[huge])
     with pytest.raises(RejectedInput) as refused:
         await webhooks.publish_outcome(rt, outcome)

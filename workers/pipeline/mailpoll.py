@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.blobs import DiskBlobStore
-from channels.budget import fit_raw
 from channels.email import parse_email
 from channels.imap import ImapAccount, ImapError, ImapMailbox
 from channels.smtp import EmailAccount
-from channels.types import RawInbound, encoder
+from channels.types import RawInbound
 from ticketing import health
 from ticketing.db import is_transient
-from workers.pipeline import bus
+from workers.pipeline import bus, intake
 from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 
@@ -266,11 +265,8 @@ class MailPoller:
             raw.headers.get("message-id"), self.scope, cursor.uidvalidity, uid
         )
         raw.meta["imap_uid"] = str(uid)
-        raw.meta["accepted_at"] = repr(time.time())
         if self.prepare is not None:
             raw = self.prepare(raw, {"uid": uid})
-        # A huge body would make a record the broker refuses, and the mailbox would stall on it.
-        fit_raw(raw, self.rt.blobs, self.rt.settings.max_text_chars)
         return raw
 
     async def sync(self, mailbox: ImapMailbox, cursor: MailCursor) -> int:
@@ -304,15 +300,13 @@ class MailPoller:
     ) -> int:
         parsed = await self._parsed(chunk, parsing)
         raws = [self._to_raw(uid, raw, cursor) for (uid, _), raw in zip(chunk, parsed, strict=True)]
-        await bus.publish_all(
-            self.rt.producer,
-            [bus.Publish(self.topic, encoder.encode(r), r.key()) for r in raws],
-        )
+        # Fitted to the text budget there: a huge body would make a record the broker
+        # refuses, and the mailbox would stall on it.
+        await intake.publish_inbound(self.rt, raws, topic=self.topic)
         now = time.time()
         for (uid, _), raw in zip(chunk, raws, strict=True):
             cursor.pending[uid] = (raw.external_id, now)
         cursor.acked = max(cursor.acked, chunk[-1][0])
-        metrics.INBOUND.labels(self.channel, self.account.name).inc(len(raws))
         await self._save_cursor(cursor)
         return len(raws)
 

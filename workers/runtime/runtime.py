@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import httpx
 from aiokafka import AIOKafkaProducer
 
+from channels.base import Context
 from channels.blobs import DiskBlobStore
 from channels.smtp import EmailAccount
 from ticketing.rules import TicketRules
@@ -45,6 +47,16 @@ class Runtime:
     # The broker this process started (nothing configured); started again when it dies.
     embedded_broker: EmbeddedBroker | None = None
     _senders: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _adapter_context: Context | None = field(default=None, init=False, repr=False)
+
+    def adapter_context(self) -> Context:
+        """What channel adapters get from this process: blobs, limits, public URL, HTTP pool."""
+        if self._adapter_context is None:
+            self._adapter_context = Context(
+                blobs=self.blobs, max_attachment_bytes=self.settings.max_attachment_bytes,
+                public_url=self.settings.public_url, http=httpx.AsyncClient(),
+            )  # fmt: skip
+        return self._adapter_context
 
     def senders(self) -> dict[str, Any]:
         """The delivery function of each outbound channel with accounts, built once."""

@@ -31,9 +31,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from channels.smtp import EmailAccount
-from channels.types import RawInbound, encoder
+from channels.types import RawInbound
 from workers.ops.status import true_end_offsets
-from workers.pipeline import bus, registry
+from workers.pipeline import bus, intake, registry
 from workers.pipeline.stage import Stage
 from workers.runtime.embedded import free_port
 from workers.runtime.runtime import Runtime
@@ -415,9 +415,9 @@ async def offer_raw(rt: Runtime, opts: BenchOptions, run_id: str) -> None:
         raw = RawInbound(
             channel="sms", account=BENCH_ACCOUNT, external_id=f"bench-{run_id}-{i}",
             sender=sender_for(i % opts.callers), body_text=body_for(i, opts.size),
-            meta={"gateway": "bench", "accepted_at": repr(time.time())},
+            meta={"gateway": "bench"},
         )  # fmt: skip
-        in_flight.append(await rt.producer.send(bus.RAW, encoder.encode(raw), key=raw.key()))
+        in_flight.append(await intake.send_inbound(rt, raw))
         if len(in_flight) >= 1000:
             await asyncio.gather(*in_flight)
             in_flight.clear()

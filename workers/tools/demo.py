@@ -29,10 +29,10 @@ import asyncpg
 
 from channels import facebook, kannel, telegram, twitter
 from channels.email import parse_email
-from channels.types import RawInbound, WebhookOutcome, encoder
+from channels.types import RawInbound, WebhookOutcome
 from ticketing import agents, procedure
 from ticketing.callers import IdentityTaken
-from workers.pipeline import bus
+from workers.pipeline import intake
 from workers.runtime.runtime import Runtime
 from workers.web.webhooks import publish_outcome
 
@@ -257,10 +257,7 @@ async def send_email(rt: Runtime, name: str, address: str, subject: str, body: s
         blobs=rt.blobs, max_attachment_bytes=rt.settings.max_attachment_bytes,
     )  # fmt: skip
     raw.external_id = raw.headers.get("message-id") or f"demo:{uuid.uuid4().hex}"
-    raw.meta["accepted_at"] = repr(time.time())
-    await bus.publish_all(
-        rt.producer, [bus.Publish(bus.RAW, encoder.encode(_demo(raw)), raw.key())]
-    )
+    await intake.publish_inbound(rt, [_demo(raw)])
 
 
 async def _publish(rt: Runtime, outcome: WebhookOutcome) -> None:

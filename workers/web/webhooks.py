@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
-from channels import facebook, kannel, telegram, twilio, twitter
-from channels.budget import fit_raw
-from channels.types import ChannelError, RejectedInput, WebhookOutcome, encoder
-from ticketing import health, journal
-from workers.pipeline import bus, journal_relay
+from channels import registry
+from channels.base import Adapter, WebhookRequest
+from channels.types import ChannelError, RejectedInput, WebhookOutcome
+from ticketing import health
+from workers.pipeline import bus, intake, journal_relay
 from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 
@@ -22,26 +22,19 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 MAX_BODY_BYTES = 1024 * 1024
-_ACCOUNT_TYPES: dict[str, Any] = {
-    "facebook": facebook.FacebookAccount, "twitter": twitter.TwitterAccount,
-    "telegram": telegram.TelegramAccount, "kannel": kannel.KannelAccount, "twilio": twilio.TwilioAccount,
-}  # fmt: skip
 
 
-def _accounts(rt: Runtime, kind: str) -> dict[str, Any]:
-    """Configured accounts for a webhook kind (`kannel`/`twilio` are SMS providers)."""
+def _accounts(rt: Runtime, adapter: Adapter[Any]) -> dict[str, Any]:
+    """The configured accounts of an adapter, parsed once per process."""
     cache = rt.__dict__.setdefault("_webhook_accounts", {})
-    if kind not in cache:
-        if kind in ("kannel", "twilio"):
-            entries = [e for e in rt.channels.get("sms", []) if e.get("provider", "kannel") == kind]
-        else:
-            entries = rt.channels.get(kind, [])
-        cache[kind] = {e["name"]: _ACCOUNT_TYPES[kind].from_config(e) for e in entries}
-    return cache[kind]  # type: ignore[no-any-return]
+    if adapter.name not in cache:
+        cache[adapter.name] = registry.accounts(adapter, rt.channels)
+    return cache[adapter.name]  # type: ignore[no-any-return]
 
 
-def _pick(rt: Runtime, kind: str, request: Request) -> Any:
-    accounts = _accounts(rt, kind)
+def _pick(rt: Runtime, adapter: Adapter[Any], request: Request) -> Any:
+    accounts = _accounts(rt, adapter)
+    kind = adapter.name
     name = request.query_params.get("account")
     if name is not None:
         if name not in accounts:
@@ -72,23 +65,13 @@ async def publish_outcome(rt: Runtime, outcome: WebhookOutcome) -> None:
     With the inbound journal, done once PostgreSQL committed it (the broker gets it right
     away if it can, else from the journal relay); without, once the broker acknowledged it.
     """
-    now = repr(time.time())
-    entries: list[journal.Entry] = []
-    for raw in outcome.messages:
-        fit_raw(raw, rt.blobs, rt.settings.max_text_chars)
-        raw.meta.setdefault("accepted_at", now)
-        natural_key = (raw.channel, raw.account, raw.external_id)
-        entries.append(journal.Entry(bus.RAW, encoder.encode(raw), raw.key(), natural_key))
-        metrics.INBOUND.labels(raw.channel, raw.account).inc()
-    for receipt in outcome.receipts:
-        key = (receipt.provider_id or "").encode()
-        entries.append(journal.Entry(bus.RECEIPTS, encoder.encode(receipt), key))
+    journaled = rt.settings.journal_inbound()
     try:
-        if rt.settings.journal_inbound():
-            await journal_relay.accept(rt, entries)
-            return
-        records = [bus.Publish(e.topic, e.value, e.key) for e in entries]
-        await asyncio.wait_for(bus.publish_all(rt.producer, records), timeout=10)
+        # Without the journal the request holds until the broker acknowledged: 10 s at most.
+        async with asyncio.timeout(None if journaled else 10):
+            await intake.publish_inbound(
+                rt, outcome.messages, receipts=outcome.receipts, journaled=journaled
+            )
     except bus.UNWRITABLE_ERRORS as exc:
         # Never an outage: the same request would be refused again, so say so for good.
         status = 413 if isinstance(exc, bus.TOO_LARGE_ERRORS) else 400
@@ -97,20 +80,45 @@ async def publish_outcome(rt: Runtime, outcome: WebhookOutcome) -> None:
         ) from exc
 
 
-Handler = Callable[[Any, Request, bytes], Awaitable[WebhookOutcome]]
-
-
 def _refused(kind: str, exc: RejectedInput) -> Response:
     log.warning("webhook %s refused (%d): %s", kind, exc.status, exc.reason)
     return Response(exc.reason, status_code=exc.status, media_type="text/plain")
 
 
-async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
+def _webhook_request(rt: Runtime, request: Request, body: bytes) -> WebhookRequest:
+    # The URL as the platform called it: the public URL, then the path and query.
+    url = f"{rt.settings.public_url.rstrip('/')}{request.url.path}"
+    if request.url.query:
+        url += f"?{request.url.query}"
+    return WebhookRequest(
+        method=request.method, url=url, query=dict(request.query_params),
+        headers={k.lower(): v for k, v in request.headers.items()}, body=body,
+        remote_addr=request.client.host if request.client else None,
+    )  # fmt: skip
+
+
+@router.api_route("/{path:path}", methods=["GET", "POST"])
+async def webhook(path: str, request: Request) -> Response:
+    """A platform's call: verification, signed events, messages and delivery reports.
+
+    `path` names the adapter (`facebook`, `twitter`, `telegram`, `sms/kannel`, `sms/twilio`);
+    the adapter checks the call and says what it carried, and the answer is 2xx once the
+    broker or the inbound journal has that.
+    """
+    adapter = registry.by_path(path)
+    if adapter is None or adapter.webhook is None:
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+    if request.method not in adapter.webhook_methods:
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                            headers={"Allow": ", ".join(adapter.webhook_methods)})  # fmt: skip
     rt: Runtime = request.app.state.runtime
+    kind = adapter.name
     try:
-        account = _pick(rt, kind, request)
+        account = _pick(rt, adapter, request)
         body = await _read_body(request)
-        outcome = await handler(account, request, body)
+        outcome = await adapter.webhook(
+            account, _webhook_request(rt, request, body), rt.adapter_context()
+        )
     except RejectedInput as exc:
         return _refused(kind, exc)
     except ChannelError as exc:
@@ -134,79 +142,3 @@ async def _dispatch(request: Request, kind: str, handler: Handler) -> Response:
     metrics.channel_ok(kind, getattr(account, "name", kind), time.time())
     await health.note_channel_ok(rt.pool, kind, getattr(account, "name", kind))
     return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)
-
-
-def _headers(request: Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items()}
-
-
-def _query(request: Request) -> dict[str, str]:
-    return dict(request.query_params)
-
-
-@router.api_route("/facebook", methods=["GET", "POST"])
-async def facebook_webhook(request: Request) -> Response:
-    """Messenger: verification GET and signed event POSTs."""
-    rt: Runtime = request.app.state.runtime
-
-    async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await facebook.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs,
-            max_attachment_bytes=rt.settings.max_attachment_bytes,
-        )  # fmt: skip
-
-    return await _dispatch(request, "facebook", handle)
-
-
-@router.api_route("/twitter", methods=["GET", "POST"])
-async def twitter_webhook(request: Request) -> Response:
-    """X Account Activity: CRC GET and signed event POSTs."""
-    rt: Runtime = request.app.state.runtime
-
-    async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await twitter.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs
-        )
-
-    return await _dispatch(request, "twitter", handle)
-
-
-@router.post("/telegram")
-async def telegram_webhook(request: Request) -> Response:
-    """Telegram Bot API updates, checked against the secret token header."""
-    rt: Runtime = request.app.state.runtime
-
-    async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        return await telegram.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, blobs=rt.blobs,
-            max_attachment_bytes=rt.settings.max_attachment_bytes,
-        )  # fmt: skip
-
-    return await _dispatch(request, "telegram", handle)
-
-
-@router.api_route("/sms/kannel", methods=["GET", "POST"])
-async def kannel_webhook(request: Request) -> Response:
-    """Kannel sms-service get-url (MO) and dlr-url (delivery reports)."""
-
-    async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        remote = req.client.host if req.client else None
-        return kannel.handle_webhook(
-            account, req.method, _query(req), _headers(req), body, remote_addr=remote
-        )
-
-    return await _dispatch(request, "kannel", handle)
-
-
-@router.post("/sms/twilio")
-async def twilio_webhook(request: Request) -> Response:
-    """Twilio-style gateways: incoming messages and status callbacks, signed."""
-    rt: Runtime = request.app.state.runtime
-
-    async def handle(account: Any, req: Request, body: bytes) -> WebhookOutcome:
-        # The signature covers the URL the provider called: our public URL plus path and query.
-        public = rt.settings.public_url.rstrip("/")
-        url = f"{public}{req.url.path}" + (f"?{req.url.query}" if req.url.query else "")
-        return twilio.handle_webhook(account, req.method, url, _headers(req), body)
-
-    return await _dispatch(request, "twilio", handle)

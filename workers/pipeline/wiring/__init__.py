@@ -1,4 +1,4 @@
-"""Each channel's wiring module contributes delivery senders and pollers; this gathers them."""
+"""Each wiring module contributes delivery senders and pollers (adapters: every provider in channels.registry); this gathers them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from channels.types import DeliveryResult, OutboundReply
 Sender = Callable[[OutboundReply], Awaitable[DeliveryResult]]
 StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
-# One module per channel family, each with `senders(rt)` and `pollers(rt)`.
+# Each with `senders(rt)` and `pollers(rt)`: mail and fax (IMAP, SMTP, OCR), and the adapters.
 WIRING_MODULES = (
     "workers.pipeline.wiring.email",
-    "workers.pipeline.wiring.sms",
     "workers.pipeline.wiring.fax",
-    "workers.pipeline.wiring.social",
+    "workers.pipeline.wiring.adapters",
 )
 
 

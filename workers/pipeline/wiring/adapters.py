@@ -1,8 +1,9 @@
-"""Messenger, X and Telegram wiring: delivery senders by account, and pollers for accounts set to poll.
+"""The channel adapters at work: a delivery sender per channel, and pollers for accounts set to poll.
 
-An X or Telegram account polls instead of waiting for webhooks when its config says
-`polling = true` (`poll_seconds` sets the pause between empty polls). The cursor is
-stored in `channel_cursors` only once what it covers is in the database, because for
+Senders and pollers come from `channels.registry`: a reply goes out through the adapter of
+the account it names. An X or Telegram account polls instead of waiting for webhooks when its
+config says `polling = true` (`poll_seconds` sets the pause between empty polls). The cursor
+is stored in `channel_cursors` only once what it covers is in the database, because for
 Telegram the next getUpdates call with that offset makes the Bot API forget the earlier
 updates: a restart then resumes from what was committed, and an outage is backfilled.
 """
@@ -10,72 +11,78 @@ updates: a restart then resumes from what was committed, and an outage is backfi
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from channels import facebook, telegram, twitter
-from channels.budget import fit_raw
-from channels.types import (
-    BlobStore,
-    ChannelError,
-    DeliveryResult,
-    OutboundReply,
-    RawInbound,
-    encoder,
-)
+import msgspec
+
+from channels import registry
+from channels.base import Adapter, Context
+from channels.types import ChannelError, DeliveryResult, OutboundReply, RawInbound
+from normalizer.phone import normalize_phone
 from ticketing import health
 from ticketing.db import is_transient
-from workers.pipeline import bus
+from workers.pipeline import bus, intake
 from workers.pipeline.wiring import Sender, StageFactory
 from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-Poll = Callable[[Any, str | None, BlobStore | None], Awaitable[tuple[list[RawInbound], str | None]]]
-
-# channel -> (account type, send function)
-_SENDERS: dict[str, tuple[Any, Callable[[Any, OutboundReply], Awaitable[DeliveryResult]]]] = {
-    "facebook": (facebook.FacebookAccount, facebook.send),
-    "twitter": (twitter.TwitterAccount, twitter.send),
-    "telegram": (telegram.TelegramAccount, telegram.send),
-}
-# channel -> (account type, poll function, default seconds between empty polls)
-_POLLERS: dict[str, tuple[Any, Poll, float]] = {
-    "telegram": (telegram.TelegramAccount, telegram.poll, 2.0),
-    # X's read endpoints allow a few hundred calls per 15 minutes; once a minute stays well inside.
-    "twitter": (twitter.TwitterAccount, twitter.poll, 60.0),
-}
 # How long a poller waits for what it published to reach the database before moving on
 # anyway: a message that was shunted stays in the shunt topic and must not stall the channel.
 COMMIT_WAIT_SECONDS = 120.0
 MAX_BACKOFF_SECONDS = 60.0
 
 
-def senders(rt: Runtime) -> dict[str, Sender]:
-    found: dict[str, Sender] = {}
-    for channel, (account_type, send) in _SENDERS.items():
-        accounts = {e["name"]: account_type.from_config(e) for e in rt.channels.get(channel, [])}
-        if accounts:
-            found[channel] = _by_account(channel, accounts, send)
+def channel_accounts(rt: Runtime, channel: str) -> dict[str, tuple[Adapter[Any], Any]]:
+    """Every account of `channel` by name, with the adapter of its provider."""
+    found: dict[str, tuple[Adapter[Any], Any]] = {}
+    for entry in rt.channels.get(channel, []):
+        adapter = registry.of_entry(channel, entry)
+        if adapter is None:
+            raise ValueError(
+                f"channels.{channel} {entry.get('name')!r}: unknown provider {entry.get('provider')!r}"
+            )
+        found[entry["name"]] = (adapter, adapter.account(entry))
     return found
 
 
+def senders(rt: Runtime) -> dict[str, Sender]:
+    found: dict[str, Sender] = {}
+    for channel in dict.fromkeys(a.channel for a in registry.ADAPTERS if a.send is not None):
+        accounts = channel_accounts(rt, channel)
+        if accounts:
+            found[channel] = _by_account(channel, accounts, rt.adapter_context())
+    return found
+
+
+def sms_recipient(recipient: str) -> str:
+    """The caller's number in E.164 when it is a valid number, else as the gateway gave it.
+
+    An MO's sender may arrive national (`0812…`) or without its plus (`62812…`); gateways
+    route an MT reliably only in international form. Short codes stay as they are.
+    """
+    identity = normalize_phone(recipient)
+    return identity.value if identity.valid else recipient.strip()
+
+
 def _by_account(
-    channel: str,
-    accounts: dict[str, Any],
-    send: Callable[[Any, OutboundReply], Awaitable[DeliveryResult]],
+    channel: str, accounts: dict[str, tuple[Adapter[Any], Any]], ctx: Context
 ) -> Sender:
     async def deliver(reply: OutboundReply) -> DeliveryResult:
-        account = accounts.get(reply.account)
-        if account is None:
+        found = accounts.get(reply.account)
+        if found is None:
             raise ChannelError(
                 f"no {channel} account named {reply.account!r} is configured", permanent=True
             )
-        return await send(account, reply)
+        adapter, account = found
+        if adapter.send is None:
+            raise ChannelError(f"{adapter.name} cannot send replies", permanent=True)
+        if channel == "sms":
+            reply = msgspec.structs.replace(reply, recipient=sms_recipient(reply.recipient))
+        return await adapter.send(account, reply, ctx)
 
     return deliver
 
@@ -87,26 +94,28 @@ def polling_enabled(entry: dict[str, Any]) -> bool:
 
 def pollers(rt: Runtime) -> dict[str, StageFactory]:
     found: dict[str, StageFactory] = {}
-    for channel, (account_type, poll, default_seconds) in _POLLERS.items():
-        for entry in rt.channels.get(channel, []):
-            if not polling_enabled(entry):
+    for adapter in registry.ADAPTERS:
+        if adapter.poll is None:
+            continue
+        for entry in rt.channels.get(adapter.channel, []):
+            if not adapter.owns(entry) or not polling_enabled(entry):
                 continue
-            seconds = float(entry.get("poll_seconds", default_seconds))
-            # Attachments fetched while polling are held to the same cap as the webhooks'.
-            capped = functools.partial(poll, max_attachment_bytes=rt.settings.max_attachment_bytes)
-            poller = SocialPoller(rt, channel, account_type.from_config(entry), capped, seconds)
-            found[f"poll-{channel}-{entry['name']}"] = poller.run
+            seconds = float(entry.get("poll_seconds", adapter.poll_seconds))
+            poller = Poller(rt, adapter, adapter.account(entry), seconds)
+            found[f"poll-{adapter.channel}-{entry['name']}"] = poller.run
     return found
 
 
-class SocialPoller:
+class Poller:
     """One polling account: fetch, publish, wait for the database, then store the cursor."""
 
-    def __init__(self, rt: Runtime, channel: str, account: Any, poll: Poll, poll_seconds: float):
+    def __init__(self, rt: Runtime, adapter: Adapter[Any], account: Any, poll_seconds: float):
+        assert adapter.poll is not None
         self.rt = rt
-        self.channel = channel
+        self.adapter = adapter
+        self.channel = adapter.channel
         self.account = account
-        self.poll = poll
+        self.poll = adapter.poll
         self.poll_seconds = poll_seconds
         self.last_error: str | None = None
 
@@ -165,17 +174,9 @@ class SocialPoller:
 
     async def poll_once(self, cursor: str | None, stop: asyncio.Event) -> tuple[int, str | None]:
         """One round: returns how many messages were published and the cursor to continue from."""
-        messages, next_cursor = await self.poll(self.account, cursor, self.rt.blobs)
+        messages, next_cursor = await self.poll(self.account, cursor, self.rt.adapter_context())
         if messages:
-            accepted = repr(time.time())
-            for raw in messages:
-                fit_raw(raw, self.rt.blobs, self.rt.settings.max_text_chars)
-                raw.meta.setdefault("accepted_at", accepted)
-            await bus.publish_all(
-                self.rt.producer,
-                [bus.Publish(bus.RAW, encoder.encode(raw), raw.key()) for raw in messages],
-            )
-            metrics.INBOUND.labels(self.channel, self.account.name).inc(len(messages))
+            await intake.publish_inbound(self.rt, messages)
             if not await self.wait_committed(messages, stop):
                 return len(messages), cursor  # stopping: the next start fetches these again
         if next_cursor is not None and next_cursor != cursor:
