@@ -67,7 +67,7 @@ def test_every_api_route_names_its_permission() -> None:
 # Console routes before a login: the login form, leaving, the language switch, static files.
 CONSOLE_OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"),
                 ("GET", "/static/{name}")}  # fmt: skip
-_CHECKS = re.compile(r"await _(?:login_required|session_agent)\(request, \"([a-z_.]+)\"\)")
+_CHECKS = re.compile(r"await (?:login_required|session_agent)\(request, \"([a-z_.]+)\"\)")
 
 
 def console_routes() -> dict[tuple[str, str], Callable[..., object]]:
@@ -75,7 +75,8 @@ def console_routes() -> dict[tuple[str, str], Callable[..., object]]:
 
     return {
         (method, route.path): route.endpoint  # type: ignore[attr-defined]
-        for route in pages.router.routes
+        for router in pages.ROUTERS
+        for route in router.routes
         for method in route.methods  # type: ignore[attr-defined]
     }
 

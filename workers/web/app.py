@@ -15,7 +15,7 @@ from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 from workers.web import webhooks
 from workers.web.api import auth, desk, kb, ops, tickets
-from workers.web.console import pages
+from workers.web.console import common, pages
 
 ReadyCheck = Callable[[], dict[str, bool]]
 
@@ -38,8 +38,9 @@ def create_app(rt: Runtime, stages_ready: ReadyCheck | None = None) -> FastAPI:
     app.include_router(kb.router)
     app.include_router(webhooks.router)
     app.include_router(ops.router)
-    app.include_router(pages.router)
-    app.add_exception_handler(pages.Forbidden, pages.forbidden_page)
+    for console_router in pages.ROUTERS:
+        app.include_router(console_router)
+    app.add_exception_handler(common.Forbidden, common.forbidden_page)
 
     @app.exception_handler(asyncpg.DataError)
     async def value_refused(request: Request, exc: asyncpg.DataError) -> JSONResponse:

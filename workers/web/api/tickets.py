@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from ticketing import replies
+from ticketing.views import OVERDUE_SQL
 from workers.web.api.auth import CurrentAgent, Idempotent, require, runtime
 
 router = APIRouter(prefix="/api")
@@ -43,8 +44,7 @@ class TicketList(BaseModel):
 _SUMMARY_SQL = (
     "SELECT t.id, t.caller_id, c.name AS caller_name, t.subject, t.status, t.tier, t.close_reason,"
     " t.channel, t.created_at, t.updated_at, t.last_activity_at, t.first_response_due, t.resolution_due,"
-    " (t.status <> 'closed' AND (t.resolution_due < now()"
-    "   OR (t.first_response_at IS NULL AND t.first_response_due < now()))) AS overdue,"
+    f" {OVERDUE_SQL} AS overdue,"
     " t.assignee_id, ag.username AS assignee"
     " FROM tickets t JOIN callers c ON c.id = t.caller_id LEFT JOIN agents ag ON ag.id = t.assignee_id"
 )
@@ -78,11 +78,7 @@ async def list_tickets(
             args.append(value)
             where.append(f"{column} = ${len(args)}")
     if overdue is not None:
-        condition = (
-            "(t.status <> 'closed' AND (t.resolution_due < now()"
-            " OR (t.first_response_at IS NULL AND t.first_response_due < now())))"
-        )
-        where.append(condition if overdue else f"NOT {condition}")
+        where.append(OVERDUE_SQL if overdue else f"NOT {OVERDUE_SQL}")
     if assignee == "none":
         where.append("t.assignee_id IS NULL")
     elif assignee is not None:

@@ -1,0 +1,269 @@
+"""The queue, and its live updates from the events topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from fastapi import APIRouter, Request
+from fastapi.responses import (
+    HTMLResponse,
+    StreamingResponse,
+)
+
+from channels.types import CHANNELS
+from ticketing.states import STATUSES, TIERS
+from ticketing.views import NEXT_DUE_SQL, OVERDUE_SQL
+from workers.pipeline import bus
+from workers.web.console.common import (
+    FANOUT_IDLE_SECONDS,
+    PAGE_SIZE,
+    ROLE_TIERS,
+    STREAM_KEEPALIVE_SECONDS,
+    STREAM_SECONDS,
+    login_required,
+    render,
+    runtime_of,
+    session_agent,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+
+
+# --- the queue -----------------------------------------------------------------------------
+
+
+def queue_filters(params: dict[str, str], role: str) -> dict[str, str]:
+    """The filters a queue request asks for, with the role's default tier when none is chosen."""
+    status = params.get("status", "active")
+    tier = params["tier"] if "tier" in params else ROLE_TIERS.get(role, "")
+    return {
+        "status": status if status in ("active", "all", *STATUSES) else "active",
+        "tier": tier if tier in TIERS else "",
+        "channel": params.get("channel", "") if params.get("channel") in CHANNELS else "",
+        "overdue": "1" if params.get("overdue") in ("1", "on", "true") else "",
+        "assignee": params.get("assignee", "") if params.get("assignee") in ("me", "none") else "",
+        "demo": params.get("demo", "") if params.get("demo") in ("0", "1") else "",
+        "q": params.get("q", "").strip()[:200],
+    }
+
+
+async def queue_page(
+    conn: asyncpg.Connection, filters: dict[str, str], page: int, agent_id: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """One page of the queue, most urgent first: overdue, then the nearest deadline."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if filters["status"] == "active":
+        where.append("t.status <> 'closed'")
+    elif filters["status"] != "all":
+        where.append(f"t.status = {arg(filters['status'])}")
+    if filters["tier"]:
+        where.append(f"t.tier = {arg(filters['tier'])}")
+    if filters["channel"]:
+        where.append(f"t.channel = {arg(filters['channel'])}")
+    if filters["overdue"]:
+        where.append(OVERDUE_SQL)
+    if filters["assignee"] == "me":
+        where.append(f"t.assignee_id = {arg(agent_id)}")
+    elif filters["assignee"] == "none":
+        where.append("t.assignee_id IS NULL")
+    if filters["demo"]:
+        where.append(f"t.is_demo = {arg(filters['demo'] == '1')}")
+    if filters["q"]:
+        pattern = arg(
+            "%" + filters["q"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
+        where.append(
+            f"(t.subject ILIKE {pattern} OR EXISTS (SELECT 1 FROM callers qc"
+            f" WHERE qc.id = t.caller_id AND qc.name ILIKE {pattern}))"
+        )
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)
+    order = f"(t.status = 'closed'), {OVERDUE_SQL} DESC, {NEXT_DUE_SQL} NULLS LAST, t.id"
+    rows = await conn.fetch(
+        f"WITH page AS (SELECT t.*, {OVERDUE_SQL} AS overdue, {NEXT_DUE_SQL} AS next_due,"
+        f" row_number() OVER (ORDER BY {order}) AS rank FROM tickets t{clause}"
+        f" ORDER BY {order} LIMIT {PAGE_SIZE} OFFSET {arg(page * PAGE_SIZE)})"
+        " SELECT p.id, p.caller_id, p.subject, p.status, p.tier, p.channel, p.created_at,"
+        " p.last_activity_at, p.next_due, p.overdue, p.is_demo, c.name AS caller_name,"
+        " i.contact, m.snippet, ag.username AS assignee"
+        " FROM page p JOIN callers c ON c.id = p.caller_id"
+        " LEFT JOIN agents ag ON ag.id = p.assignee_id"
+        " LEFT JOIN LATERAL (SELECT CASE WHEN kind = 'email' THEN value"
+        "   ELSE coalesce(display, value) END AS contact FROM identities"
+        "   WHERE caller_id = p.caller_id ORDER BY valid DESC, id LIMIT 1) i ON true"
+        " LEFT JOIN LATERAL (SELECT left(coalesce(nullif(body_display, ''), body_text), 160) AS snippet"
+        "   FROM messages WHERE ticket_id = p.id AND direction = 'in' ORDER BY id DESC LIMIT 1) m ON true"
+        " ORDER BY p.rank",
+        *args,
+    )
+    return int(total), [dict(r) for r in rows]
+
+
+@router.get("/", response_class=HTMLResponse)
+async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLResponse:
+    """Every ticket from every channel, filtered, most urgent first, 100 a page."""
+    agent = await login_required(request, "tickets.read")
+    params = dict(request.query_params)
+    filters = queue_filters(params, agent["role"])
+    page = max(page, 0)
+    async with runtime_of(request).pool.acquire() as conn:
+        total, tickets = await queue_page(conn, filters, page, agent["id"])
+    # The tier is always carried, even empty: "all tiers" chosen must not fall back to the role's default.
+    query = {k: v for k, v in filters.items() if v or k == "tier"}
+    context = {
+        "filters": filters, "tickets": tickets, "total": total, "page": page,
+        "pages": max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1), "query": query,
+        "statuses": ("active", *STATUSES, "all"), "tiers": TIERS, "channels": CHANNELS,
+        "base_query": urllib.parse.urlencode(query),
+    }  # fmt: skip
+    template = "_queue_table.html" if partial else "queue.html"
+    return render(request, template, context, agent=agent)
+
+
+# --- live updates --------------------------------------------------------------------------
+
+
+class EventFanout:
+    """One Kafka consumer per process on `loket.events`, without a group, from the end,
+    handing every event to each connected console."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.clients: set[asyncio.Queue[bytes]] = set()
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since = time.monotonic()
+
+    def subscribe(self) -> asyncio.Queue[bytes]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)
+        self.clients.add(queue)
+        if self.task is None or self.task.done():
+            self.ready.clear()
+            self.task = asyncio.create_task(self._run())
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
+        self.clients.discard(queue)
+        if not self.clients:
+            self.idle_since = time.monotonic()
+
+    def _idle(self) -> bool:
+        return not self.clients and time.monotonic() - self.idle_since > FANOUT_IDLE_SECONDS
+
+    async def _run(self) -> None:
+        delay = 1.0
+        while not self._idle():
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="latest",
+            )  # fmt: skip
+            try:
+                await consumer.start()
+                partitions = await self._partitions(consumer)
+                consumer.assign(partitions)
+                for partition, offset in (await consumer.end_offsets(partitions)).items():
+                    consumer.seek(partition, offset)
+                self.ready.set()
+                delay = 1.0
+                while not self._idle():
+                    batches = await consumer.getmany(timeout_ms=1000, max_records=500)
+                    for records in batches.values():
+                        for record in records:
+                            self._fan_out(record.value or b"{}")
+            except (bus.KafkaError, OSError) as exc:
+                log.warning("console events: %s; retrying in %.0fs", exc, delay)
+                self.ready.set()  # consoles still work, only without live updates
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        await consumer.topics()  # fetches the cluster metadata
+        numbers = consumer.partitions_for_topic(bus.EVENTS) or set()
+        if not numbers:
+            raise bus.KafkaError(f"topic {bus.EVENTS} has no partitions yet")
+        return [TopicPartition(bus.EVENTS, n) for n in sorted(numbers)]
+
+    def _fan_out(self, value: bytes) -> None:
+        for queue in list(self.clients):
+            with contextlib.suppress(
+                asyncio.QueueFull
+            ):  # a stalled browser misses updates, no one else
+                queue.put_nowait(value)
+
+
+def _fanout(request: Request) -> EventFanout:
+    fanout: EventFanout | None = getattr(request.app.state, "console_events", None)
+    if fanout is None:
+        fanout = EventFanout(runtime_of(request).bootstrap)
+        request.app.state.console_events = fanout
+    return fanout
+
+
+def _sse(event: str, payload: bytes) -> bytes:
+    # JSON has no raw newlines, so one data line carries the whole event.
+    return b"event: " + event.encode() + b"\ndata: " + payload.replace(b"\n", b" ") + b"\n\n"
+
+
+@router.get("/events/stream")
+async def event_stream(request: Request) -> StreamingResponse:
+    """Server-Sent Events: every new message as it is stored, for the queue and ticket pages."""
+    await session_agent(request, "tickets.read")
+    fanout = _fanout(request)
+    queue = fanout.subscribe()
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b"retry: 1000\n\n"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fanout.ready.wait(), timeout=10)
+            # Whatever arrived before this stream started is fetched by the page on "ready".
+            yield _sse("ready", b"{}")
+            deadline = time.monotonic() + STREAM_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    value = await asyncio.wait_for(
+                        queue.get(), timeout=min(left, STREAM_KEEPALIVE_SECONDS)
+                    )
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                yield _sse("message", _event_summary(value))
+        finally:
+            fanout.unsubscribe(queue)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )  # fmt: skip
+
+
+def _event_summary(value: bytes) -> bytes:
+    """Only the ids a page needs, so nothing a caller wrote travels on the stream."""
+    try:
+        event = json.loads(value)
+    except ValueError:
+        return b"{}"
+    if not isinstance(event, dict):
+        return b"{}"
+    keep = {
+        k: event[k] for k in ("type", "ticket_id", "caller_id", "channel", "outcome") if k in event
+    }
+    return json.dumps(keep).encode()
