@@ -12,7 +12,9 @@ import pytest
 
 from channels import charsets
 from channels.blobs import DiskBlobStore
-from channels.email import NO_REPLY_ADDRESS, _Problems, _repair_header_block, parse_email
+from channels.email import NO_REPLY_ADDRESS, parse_email
+from channels.email.base import _Problems
+from channels.email.headers import _repair_header_block
 from channels.types import RawInbound
 from normalizer.canonical import canonicalize
 from tests.support import db
