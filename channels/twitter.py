@@ -6,18 +6,14 @@ import base64
 import datetime as dt
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import tweepy.errors
 from tweepy.asynchronous import AsyncClient
-from yarl import URL
 
 from channels.base import Adapter, Context, WebhookRequest
 from channels.social_common import hmac_sha256, json_object, same_secret
+from channels.twitter_api import call, client_for
 from channels.types import (
     AttachmentRef,
     BlobStore,
@@ -33,10 +29,7 @@ from channels.types import (
 )
 
 CHANNEL = "twitter"
-TWEEPY_HOST = "api.twitter.com"  # tweepy hard-codes this host; requests are re-pointed below
 MAX_PAGES = 50  # bound on one poll's backfill (100 events a page)
-DEFAULT_RATE_LIMIT_WAIT = 60.0
-TIMEOUT = aiohttp.ClientTimeout(total=20, connect=5)
 DM_FIELDS = [
     "id",
     "text",
@@ -247,79 +240,21 @@ def _iso(value: Any, problems: list[str]) -> float:
     return seconds
 
 
-class _RewritingSession:
-    """An aiohttp session that sends tweepy's api.twitter.com requests to `api_url` instead."""
-
-    def __init__(self, session: aiohttp.ClientSession, api_url: str):
-        self._session = session
-        self._base = URL(api_url)
-
-    def request(self, method: str, url: str | URL, **kwargs: Any) -> Any:
-        target = url if isinstance(url, URL) else URL(url)
-        if target.host == TWEEPY_HOST:
-            target = (
-                target.with_scheme(self._base.scheme)
-                .with_host(self._base.host or TWEEPY_HOST)
-                .with_port(self._base.explicit_port)
-            )
-        return self._session.request(method, target, **kwargs)
-
-
-@asynccontextmanager
-async def _client(account: TwitterAccount) -> AsyncIterator[AsyncClient]:
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        client = AsyncClient(
-            bearer_token=account.bearer_token or None,
-            consumer_key=account.consumer_key,
-            consumer_secret=account.consumer_secret,
-            access_token=account.access_token,
-            access_token_secret=account.access_token_secret,
-            return_type=dict,
-        )
-        client.session = _RewritingSession(session, account.api_url)
-        yield client
-
-
-async def _call(coroutine: Any) -> dict[str, Any]:
-    """Await a tweepy call and turn its failures into ChannelError."""
-    try:
-        answer = await coroutine
-    except tweepy.errors.TooManyRequests as exc:
-        wait = DEFAULT_RATE_LIMIT_WAIT
-        if exc.reset_time is not None:
-            wait = max(float(exc.reset_time) - time.time(), 1.0)
-        raise ChannelError(f"X: {_message(exc)}", permanent=False, retry_after=wait) from exc
-    except tweepy.errors.TwitterServerError as exc:
-        raise ChannelError(f"X: {_message(exc)}", permanent=False) from exc
-    except tweepy.errors.HTTPException as exc:
-        raise ChannelError(f"X: {_message(exc)}", permanent=True) from exc
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise ChannelError(f"X unreachable: {exc!r}", permanent=False) from exc
-    if not isinstance(answer, dict):
-        raise ChannelError("X answered without a JSON object", permanent=False)
-    return answer
-
-
-def _message(exc: tweepy.errors.HTTPException) -> str:
-    status = getattr(exc.response, "status", "?")
-    return f"{status} " + ("; ".join(str(m) for m in exc.api_messages) or str(exc))
-
-
 async def send(account: TwitterAccount, reply: OutboundReply) -> DeliveryResult:
     """Reply by DM, or by a reply tweet when the person reached us with a mention."""
-    async with _client(account) as client:
+    async with client_for(account) as client:
         if reply.meta.get("kind") == "mention":
             tweet_id = reply.meta.get("tweet_id")
             if not tweet_id:
                 raise ChannelError("reply to a mention without meta tweet_id", permanent=True)
-            answer = await _call(
+            answer = await call(
                 client.create_tweet(
                     text=reply.body_text, in_reply_to_tweet_id=tweet_id, user_auth=True
                 )
             )
             provider_id = (answer.get("data") or {}).get("id")
         else:
-            answer = await _call(
+            answer = await call(
                 client.create_direct_message(participant_id=reply.recipient, text=reply.body_text)
             )
             provider_id = (answer.get("data") or {}).get("dm_event_id")
@@ -352,10 +287,10 @@ async def poll(
     download and are noted, never fetched, so no cap applies yet.
     """
     seen = _cursor(cursor)
-    async with _client(account) as client:
+    async with client_for(account) as client:
         me = account.user_id
         if not me:
-            me = str((await _call(client.get_me(user_auth=True))).get("data", {}).get("id", ""))
+            me = str((await call(client.get_me(user_auth=True))).get("data", {}).get("id", ""))
             if not me:
                 raise ChannelError("X users/me answered without an id", permanent=False)
         dms, newest_dm = await _poll_dms(account, client, me, seen.get("dm"))
@@ -386,7 +321,7 @@ async def _poll_dms(
         }
         if token:
             params["pagination_token"] = token
-        page = await _call(client.get_direct_message_events(**params))
+        page = await call(client.get_direct_message_events(**params))
         names = _users(page)
         reached_seen = False
         for event in page.get("data") or []:
@@ -444,7 +379,7 @@ async def _poll_mentions(
             params["since_id"] = since_id
         if token:
             params["pagination_token"] = token
-        page = await _call(client.get_users_mentions(me, **params))
+        page = await call(client.get_users_mentions(me, **params))
         names = _users(page)
         for tweet in page.get("data") or []:
             tweet_id = str(tweet.get("id", ""))
