@@ -128,6 +128,29 @@ async def handle_webhook(
     return outcome
 
 
+def _receipts(
+    account: FacebookAccount, event: dict[str, Any], sender: str, timestamp: float | None
+) -> list[DeliveryReceipt]:
+    """A delivery or read event: receipts by message id, or a watermark for everything before."""
+    if "delivery" in event:
+        delivery = event["delivery"] or {}
+        at = _seconds(delivery.get("watermark")) or timestamp
+        mids = delivery.get("mids") or []
+        if mids:
+            return [
+                DeliveryReceipt(channel=CHANNEL, account=account.name, provider_id=str(mid),
+                                status="delivered", at=at)
+                for mid in mids
+            ]  # fmt: skip
+        # Only a watermark: everything we sent to this person before `at` arrived.
+        return [DeliveryReceipt(channel=CHANNEL, account=account.name, status="delivered",
+                                reason=f"watermark psid={sender}", at=at)]  # fmt: skip
+    # Messenger reports reads as a watermark: all messages up to that time were seen.
+    at = _seconds((event["read"] or {}).get("watermark")) or timestamp
+    return [DeliveryReceipt(channel=CHANNEL, account=account.name, status="read",
+                            reason=f"watermark psid={sender}", at=at)]  # fmt: skip
+
+
 async def _apply_event(
     account: FacebookAccount,
     event: dict[str, Any],
@@ -145,43 +168,8 @@ async def _apply_event(
         timestamp = message_epoch(
             timestamp, "messaging event timestamp", problems, given=event.get("timestamp")
         )
-    if "delivery" in event:
-        delivery = event["delivery"] or {}
-        at = _seconds(delivery.get("watermark")) or timestamp
-        mids = delivery.get("mids") or []
-        for mid in mids:
-            outcome.receipts.append(
-                DeliveryReceipt(
-                    channel=CHANNEL,
-                    account=account.name,
-                    provider_id=str(mid),
-                    status="delivered",
-                    at=at,
-                )
-            )
-        if not mids:
-            # Only a watermark: everything we sent to this person before `at` arrived.
-            outcome.receipts.append(
-                DeliveryReceipt(
-                    channel=CHANNEL,
-                    account=account.name,
-                    status="delivered",
-                    reason=f"watermark psid={sender}",
-                    at=at,
-                )
-            )
-        return
-    if "read" in event:
-        # Messenger reports reads as a watermark: all messages up to that time were seen.
-        outcome.receipts.append(
-            DeliveryReceipt(
-                channel=CHANNEL,
-                account=account.name,
-                status="read",
-                reason=f"watermark psid={sender}",
-                at=_seconds((event["read"] or {}).get("watermark")) or timestamp,
-            )
-        )
+    if "delivery" in event or "read" in event:
+        outcome.receipts.extend(_receipts(account, event, sender, timestamp))
         return
     if "message" in event:
         message = event["message"] or {}

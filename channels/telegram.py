@@ -239,58 +239,40 @@ async def _raw_from_update(
     return raw
 
 
-async def _attachments(
-    account: TelegramAccount, message: Message, blobs: BlobStore | None, max_attachment_bytes: int
-) -> list[AttachmentRef]:
-    files: list[tuple[str, str, str, int | None]] = []  # file_id, filename, content type, size
+# (file_id, filename, content type, size) of each file a message carries
+_File = tuple[str, str, str, int | None]
+
+
+def _files(message: Message) -> list[_File]:
+    """The files a message carries: its largest photo, a document, voice, audio, video, note."""
+    files: list[_File] = []
     if message.photo:
         largest = message.photo[-1]
         files.append(
             (largest.file_id, f"{largest.file_unique_id}.jpg", "image/jpeg", largest.file_size)
         )
-    if message.document:
-        doc = message.document
-        files.append(
-            (
-                doc.file_id,
-                doc.file_name or f"{doc.file_unique_id}",
-                doc.mime_type or "",
-                doc.file_size,
-            )
-        )
-    if message.voice:
-        voice = message.voice
-        files.append(
-            (
-                voice.file_id,
-                f"{voice.file_unique_id}.ogg",
-                voice.mime_type or "audio/ogg",
-                voice.file_size,
-            )
-        )
-    if message.audio:
-        audio = message.audio
-        files.append(
-            (
-                audio.file_id,
-                audio.file_name or f"{audio.file_unique_id}.mp3",
-                audio.mime_type or "",
-                audio.file_size,
-            )
-        )
-    if message.video:
-        video = message.video
-        files.append(
-            (
-                video.file_id,
-                video.file_name or f"{video.file_unique_id}.mp4",
-                video.mime_type or "",
-                video.file_size,
-            )
-        )
+    named = (
+        (message.document, "", ""),
+        (message.voice, ".ogg", "audio/ogg"),
+        (message.audio, ".mp3", ""),
+        (message.video, ".mp4", ""),
+    )
+    for item, suffix, default_type in named:
+        if item is None:
+            continue
+        # A voice note has no file name; the others may.
+        name = getattr(item, "file_name", None) or f"{item.file_unique_id}{suffix}"
+        files.append((item.file_id, name, item.mime_type or default_type, item.file_size))
     if message.video_note:
         note = message.video_note
         files.append((note.file_id, f"{note.file_unique_id}.mp4", "video/mp4", note.file_size))
+    return files
+
+
+async def _attachments(
+    account: TelegramAccount, message: Message, blobs: BlobStore | None, max_attachment_bytes: int
+) -> list[AttachmentRef]:
+    files = _files(message)
     refs: list[AttachmentRef] = []
     policy = account.file_policy(max_attachment_bytes)
     for file_id, filename, content_type, size in files:

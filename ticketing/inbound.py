@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from channels.types import MatchedInbound
+from channels.types import InboundMessage, MatchedInbound, RawInbound
 from normalizer.threading import subject_ticket_ids, ticket_hints
 from ticketing.rules import TicketRules
 from ticketing.states import on_inbound
@@ -102,6 +102,106 @@ async def open_ticket(
     return ticket_id
 
 
+async def _insert_attachments(
+    conn: asyncpg.Connection, messages: list[tuple[int, RawInbound]]
+) -> None:
+    """The attachment rows of stored messages (`(message id, raw)` pairs)."""
+    rows = [
+        (message_id, a.filename, a.content_type, a.size, a.sha256, a.dropped)
+        for message_id, raw in messages
+        for a in raw.attachments
+    ]
+    if rows:
+        await conn.executemany(
+            "INSERT INTO attachments (message_id, filename, content_type, size, sha256, dropped)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            rows,
+        )
+
+
+async def _store_message(conn: asyncpg.Connection, matched: MatchedInbound, ticket_id: int) -> int:
+    """The message with its attachments and its event on the ticket; returns its id."""
+    message = matched.message
+    raw = message.raw
+    caller_id = matched.caller_id
+    message_id: int = await conn.fetchval(
+        "INSERT INTO messages (ticket_id, caller_id, direction, channel, account, external_id, sender,"
+        " subject, body_text, body_display, body_html, headers, meta, problems, auto_reply, status,"
+        " trace_id, received_at)"
+        " VALUES ($1,$2,'in',$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,'received',$15,$16) RETURNING id",
+        ticket_id,
+        caller_id,
+        raw.channel,
+        raw.account,
+        raw.external_id,
+        raw.sender,
+        raw.subject,
+        raw.body_text,
+        message.body_display,
+        raw.body_html,
+        raw.headers,
+        raw.meta,
+        raw.problems,
+        message.auto_reply,
+        raw.trace_id,
+        datetime.fromtimestamp(raw.received_at, UTC),
+    )
+    await _insert_attachments(conn, [(message_id, raw)])
+    await conn.execute(
+        "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'message', $2, $3)",
+        ticket_id,
+        "auto-reply stored" if message.auto_reply else None,
+        {
+            "message_id": message_id,
+            "channel": raw.channel,
+            "trace_id": raw.trace_id,
+            "match": matched.match_reason,
+        },
+    )
+    if not message.auto_reply:
+        await conn.execute(
+            "UPDATE tickets SET last_activity_at = now(), updated_at = now() WHERE id = $1",
+            ticket_id,
+        )
+    return message_id
+
+
+async def _bounced_reply_ticket(
+    conn: asyncpg.Connection, message: InboundMessage
+) -> asyncpg.Record | None:
+    """A bounce marks the reply it bounced failed; returns that reply's ticket."""
+    bounced = await conn.fetchrow(
+        "UPDATE messages SET status = 'failed', status_reason = $2"
+        " WHERE provider_id = $1 AND direction = 'out' RETURNING id, ticket_id",
+        message.bounce_of,
+        message.bounce_reason or "bounced",
+    )
+    if bounced is None:
+        return None
+    await conn.execute(
+        "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'delivery', $2, $3)",
+        bounced["ticket_id"],
+        f"reply bounced: {message.bounce_reason}",
+        {"message_id": bounced["id"], "status": "failed"},
+    )
+    return await _ticket_row(conn, bounced["ticket_id"])
+
+
+async def _threaded_ticket(
+    conn: asyncpg.Connection, raw: RawInbound, caller_id: int, own_addresses: frozenset[str]
+) -> asyncpg.Record | None:
+    """The ticket a message answers by its hints, else the caller's latest ticket."""
+    # Our Message-IDs and plus addresses are strong evidence, whoever writes (a colleague
+    # may answer for the caller); a subject token is easy to type, so it only threads
+    # into the caller's own tickets.
+    strong = ticket_hints(msgspec.structs.replace(raw, subject=None), own_addresses)
+    for hinted in dict.fromkeys(strong + subject_ticket_ids(raw.subject)):
+        candidate = await _ticket_row(conn, hinted)
+        if candidate is not None and (hinted in strong or candidate["caller_id"] == caller_id):
+            return candidate
+    return await _latest_ticket(conn, caller_id)
+
+
 async def apply_matched(
     conn: asyncpg.Connection,
     matched: MatchedInbound,
@@ -129,34 +229,11 @@ async def apply_matched(
     outcome = "append"
 
     if message.bounce_of:
-        bounced = await conn.fetchrow(
-            "UPDATE messages SET status = 'failed', status_reason = $2"
-            " WHERE provider_id = $1 AND direction = 'out' RETURNING id, ticket_id",
-            message.bounce_of,
-            message.bounce_reason or "bounced",
-        )
-        if bounced is not None:
-            await conn.execute(
-                "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'delivery', $2, $3)",
-                bounced["ticket_id"],
-                f"reply bounced: {message.bounce_reason}",
-                {"message_id": bounced["id"], "status": "failed"},
-            )
-            ticket = await _ticket_row(conn, bounced["ticket_id"])
+        ticket = await _bounced_reply_ticket(conn, message)
+        if ticket is not None:
             outcome = "bounce"
-
     if ticket is None:
-        # Our Message-IDs and plus addresses are strong evidence, whoever writes (a colleague
-        # may answer for the caller); a subject token is easy to type, so it only threads
-        # into the caller's own tickets.
-        strong = ticket_hints(msgspec.structs.replace(raw, subject=None), own_addresses)
-        for hinted in dict.fromkeys(strong + subject_ticket_ids(raw.subject)):
-            candidate = await _ticket_row(conn, hinted)
-            if candidate is not None and (hinted in strong or candidate["caller_id"] == caller_id):
-                ticket = candidate
-                break
-    if ticket is None:
-        ticket = await _latest_ticket(conn, caller_id)
+        ticket = await _threaded_ticket(conn, raw, caller_id, own_addresses)
 
     if ticket is None:
         decision = "new"
@@ -185,65 +262,10 @@ async def apply_matched(
         assert ticket is not None
         ticket_id = ticket["id"]
         if decision == "reopen":
-            await conn.execute(
-                "UPDATE tickets SET status = 'open', close_reason = NULL, closed_at = NULL,"
-                " updated_at = now() WHERE id = $1",
-                ticket_id,
-            )
-            await conn.execute(
-                "INSERT INTO ticket_events (ticket_id, kind, from_status, to_status, note)"
-                " VALUES ($1, 'reopened', 'closed', 'open', 'new message from the caller')",
-                ticket_id,
-            )
+            await _reopen(conn, [ticket_id])
             outcome = "reopen"
 
-    message_id: int = await conn.fetchval(
-        "INSERT INTO messages (ticket_id, caller_id, direction, channel, account, external_id, sender,"
-        " subject, body_text, body_display, body_html, headers, meta, problems, auto_reply, status,"
-        " trace_id, received_at)"
-        " VALUES ($1,$2,'in',$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,'received',$15,$16) RETURNING id",
-        ticket_id,
-        caller_id,
-        raw.channel,
-        raw.account,
-        raw.external_id,
-        raw.sender,
-        raw.subject,
-        raw.body_text,
-        message.body_display,
-        raw.body_html,
-        raw.headers,
-        raw.meta,
-        raw.problems,
-        message.auto_reply,
-        raw.trace_id,
-        datetime.fromtimestamp(raw.received_at, UTC),
-    )
-    if raw.attachments:
-        await conn.executemany(
-            "INSERT INTO attachments (message_id, filename, content_type, size, sha256, dropped)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            [
-                (message_id, a.filename, a.content_type, a.size, a.sha256, a.dropped)
-                for a in raw.attachments
-            ],
-        )
-    await conn.execute(
-        "INSERT INTO ticket_events (ticket_id, kind, note, data) VALUES ($1, 'message', $2, $3)",
-        ticket_id,
-        "auto-reply stored" if message.auto_reply else None,
-        {
-            "message_id": message_id,
-            "channel": raw.channel,
-            "trace_id": raw.trace_id,
-            "match": matched.match_reason,
-        },
-    )
-    if not message.auto_reply:
-        await conn.execute(
-            "UPDATE tickets SET last_activity_at = now(), updated_at = now() WHERE id = $1",
-            ticket_id,
-        )
+    message_id = await _store_message(conn, matched, ticket_id)
     return Applied(
         message_id, ticket_id, caller_id, outcome, raw.trace_id, raw.channel, raw.received_at
     )
@@ -354,6 +376,49 @@ async def apply_matched_batch(
     return results
 
 
+async def _insert_tickets(
+    conn: asyncpg.Connection,
+    ticket_ids: list[int],
+    new_tickets: list[tuple[MatchedInbound, int | None]],
+    rules: TicketRules,
+    now: datetime,
+) -> None:
+    """The batch's new tickets, with their `created` events."""
+    first_due, resolution_due = rules.due(now, "agent")
+    await conn.execute(
+        "INSERT INTO tickets (id, caller_id, subject, channel, account, linked_ticket_id,"
+        " first_response_due, resolution_due, is_demo)"
+        " SELECT id, caller_id, subject, channel, account, linked, $7, $8, demo"
+        " FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
+        "             $9::bool[]) AS t(id, caller_id, subject, channel, account, linked, demo)",
+        ticket_ids, [m.caller_id for m, _ in new_tickets], [_subject_for(m) for m, _ in new_tickets],
+        [m.message.raw.channel for m, _ in new_tickets], [m.message.raw.account for m, _ in new_tickets],
+        [linked for _, linked in new_tickets], first_due, resolution_due,
+        [m.message.raw.meta.get("demo") == "1" for m, _ in new_tickets],
+    )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO ticket_events (ticket_id, kind, to_status, to_tier, data)"
+        " SELECT id, 'created', 'open', 'agent', data::jsonb FROM unnest($1::bigint[], $2::text[]) AS t(id, data)",
+        ticket_ids,
+        [_json({"channel": m.message.raw.channel, "linked_ticket_id": linked}) for m, linked in new_tickets],
+    )  # fmt: skip
+
+
+async def _reopen(conn: asyncpg.Connection, reopened: list[int]) -> None:
+    """Closed tickets a caller wrote to again within the follow-up window, open again."""
+    await conn.execute(
+        "UPDATE tickets SET status = 'open', close_reason = NULL, closed_at = NULL,"
+        " updated_at = now() WHERE id = ANY($1::bigint[])",
+        reopened,
+    )
+    await conn.execute(
+        "INSERT INTO ticket_events (ticket_id, kind, from_status, to_status, note)"
+        " SELECT id, 'reopened', 'closed', 'open', 'new message from the caller'"
+        " FROM unnest($1::bigint[]) AS t(id)",
+        reopened,
+    )
+
+
 async def _write_planned(
     conn: asyncpg.Connection,
     planned: list[tuple[int, _Planned]],
@@ -374,36 +439,9 @@ async def _write_planned(
     ticket_ids: list[int] = ids["tickets"]
     message_ids: list[int] = ids["messages"]
     if new_tickets:
-        first_due, resolution_due = rules.due(now, "agent")
-        await conn.execute(
-            "INSERT INTO tickets (id, caller_id, subject, channel, account, linked_ticket_id,"
-            " first_response_due, resolution_due, is_demo)"
-            " SELECT id, caller_id, subject, channel, account, linked, $7, $8, demo"
-            " FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
-            "             $9::bool[]) AS t(id, caller_id, subject, channel, account, linked, demo)",
-            ticket_ids, [m.caller_id for m, _ in new_tickets], [_subject_for(m) for m, _ in new_tickets],
-            [m.message.raw.channel for m, _ in new_tickets], [m.message.raw.account for m, _ in new_tickets],
-            [linked for _, linked in new_tickets], first_due, resolution_due,
-            [m.message.raw.meta.get("demo") == "1" for m, _ in new_tickets],
-        )  # fmt: skip
-        await conn.execute(
-            "INSERT INTO ticket_events (ticket_id, kind, to_status, to_tier, data)"
-            " SELECT id, 'created', 'open', 'agent', data::jsonb FROM unnest($1::bigint[], $2::text[]) AS t(id, data)",
-            ticket_ids,
-            [_json({"channel": m.message.raw.channel, "linked_ticket_id": linked}) for m, linked in new_tickets],
-        )  # fmt: skip
+        await _insert_tickets(conn, ticket_ids, new_tickets, rules, now)
     if reopened:
-        await conn.execute(
-            "UPDATE tickets SET status = 'open', close_reason = NULL, closed_at = NULL,"
-            " updated_at = now() WHERE id = ANY($1::bigint[])",
-            reopened,
-        )
-        await conn.execute(
-            "INSERT INTO ticket_events (ticket_id, kind, from_status, to_status, note)"
-            " SELECT id, 'reopened', 'closed', 'open', 'new message from the caller'"
-            " FROM unnest($1::bigint[]) AS t(id)",
-            reopened,
-        )
+        await _reopen(conn, reopened)
 
     def ticket_of(plan: _Planned) -> int:
         return plan.ticket if plan.ticket > 0 else ticket_ids[-plan.ticket - 1]
@@ -430,17 +468,7 @@ async def _write_planned(
         [_json(r.meta) for r in raws], [_json(r.problems) for r in raws], [m.auto_reply for m in messages],
         [r.trace_id for r in raws], [datetime.fromtimestamp(r.received_at, UTC) for r in raws],
     )  # fmt: skip
-    attachments = [
-        (message_id, a.filename, a.content_type, a.size, a.sha256, a.dropped)
-        for message_id, raw in zip(message_ids, raws, strict=True)
-        for a in raw.attachments
-    ]
-    if attachments:
-        await conn.executemany(
-            "INSERT INTO attachments (message_id, filename, content_type, size, sha256, dropped)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            attachments,
-        )
+    await _insert_attachments(conn, list(zip(message_ids, raws, strict=True)))
     await conn.execute(
         "INSERT INTO ticket_events (ticket_id, kind, note, data)"
         " SELECT ticket_id, 'message', note, data::jsonb FROM unnest($1::bigint[], $2::text[], $3::text[])"

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from workers.ops.shunt import ShuntSelectionError, replay, select, shunt_entries
+from workers.ops.shunt import ShuntEntry, ShuntSelectionError, replay, select, shunt_entries
 from workers.ops.status import Status, ago, collect_status
 from workers.ops.trace import Trace, epoch_time, trace
 
@@ -207,6 +207,50 @@ async def run_trace(settings: Any, ident: str, *, as_json: bool = False) -> int:
     return 0
 
 
+def _render_shunt_list(entries: list[ShuntEntry], console: Any) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    if not entries:
+        console.print("the shunt is empty")
+        return
+    table = Table(title=f"Shunt: {len(entries)} record(s)", title_justify="left")
+    for column in ("id", "when", "stage", "from", "error", "replayed"):
+        table.add_column(column, no_wrap=column != "error", overflow="fold")
+    for entry in entries:
+        s = entry.summary()
+        shunted = epoch_time(entry.record.at) if entry.record else None
+        when = shunted.astimezone().strftime("%m-%d %H:%M:%S") if shunted else "-"
+        replayed = (Text(entry.replayed_at.astimezone().strftime("%m-%d %H:%M:%S"), style="green")
+                    if entry.replayed_at else Text("no", style="yellow"))  # fmt: skip
+        table.add_row(
+            entry.id,
+            when,
+            s["stage"] or "?",
+            f"{s['topic']}:{s['source_partition']}@{s['source_offset']}",
+            s["error"],
+            replayed,
+        )
+    console.print(table)
+
+
+_SHOWN_FIELDS = ("stage", "topic", "source_partition", "source_offset", "key", "trace_id",
+                 "attempts", "at", "replayed_at", "error")  # fmt: skip
+
+
+def _render_shunt_record(entry: ShuntEntry, console: Any) -> None:
+    from rich.markup import escape
+
+    document = entry.full()
+    console.rule(f"shunt record {entry.id}")
+    for name in _SHOWN_FIELDS:
+        console.print(f"[bold]{name}[/bold]: {escape(str(document[name]))}", highlight=False)
+    console.print("[bold]traceback[/bold]:")
+    console.print(document.get("traceback") or "-", markup=False, highlight=False)
+    console.print("[bold]payload[/bold]:")
+    console.print(document["payload"], markup=False, highlight=False)
+
+
 async def run_dlq(
     settings: Any,
     command: str,
@@ -221,9 +265,6 @@ async def run_dlq(
     import json
 
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
 
     _needs(settings)
     console = Console()
@@ -232,28 +273,8 @@ async def run_dlq(
         if command == "list":
             if as_json:
                 print(json.dumps([e.summary() for e in entries], ensure_ascii=False, indent=2))
-                return 0
-            if not entries:
-                console.print("the shunt is empty")
-                return 0
-            table = Table(title=f"Shunt: {len(entries)} record(s)", title_justify="left")
-            for column in ("id", "when", "stage", "from", "error", "replayed"):
-                table.add_column(column, no_wrap=column != "error", overflow="fold")
-            for entry in entries:
-                s = entry.summary()
-                shunted = epoch_time(entry.record.at) if entry.record else None
-                when = shunted.astimezone().strftime("%m-%d %H:%M:%S") if shunted else "-"
-                replayed = (Text(entry.replayed_at.astimezone().strftime("%m-%d %H:%M:%S"), style="green")
-                            if entry.replayed_at else Text("no", style="yellow"))  # fmt: skip
-                table.add_row(
-                    entry.id,
-                    when,
-                    s["stage"] or "?",
-                    f"{s['topic']}:{s['source_partition']}@{s['source_offset']}",
-                    s["error"],
-                    replayed,
-                )
-            console.print(table)
+            else:
+                _render_shunt_list(entries, console)
             return 0
         try:
             chosen = select(entries, ids, stage, everything)
@@ -262,30 +283,10 @@ async def run_dlq(
             return 1
         if command == "show":
             for entry in chosen:
-                document = entry.full()
                 if as_json:
-                    print(json.dumps(document, ensure_ascii=False, indent=2))
-                    continue
-                console.rule(f"shunt record {entry.id}")
-                for name in (
-                    "stage",
-                    "topic",
-                    "source_partition",
-                    "source_offset",
-                    "key",
-                    "trace_id",
-                    "attempts",
-                    "at",
-                    "replayed_at",
-                    "error",
-                ):
-                    console.print(
-                        f"[bold]{name}[/bold]: {escape(str(document[name]))}", highlight=False
-                    )
-                console.print("[bold]traceback[/bold]:")
-                console.print(document.get("traceback") or "-", markup=False, highlight=False)
-                console.print("[bold]payload[/bold]:")
-                console.print(document["payload"], markup=False, highlight=False)
+                    print(json.dumps(entry.full(), ensure_ascii=False, indent=2))
+                else:
+                    _render_shunt_record(entry, console)
             return 0
         results = await replay(settings.kafka_bootstrap, conn, chosen, force=force)
     if as_json:

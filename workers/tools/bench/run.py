@@ -225,10 +225,7 @@ async def run_email_phase(
 # -- the run -----------------------------------------------------------------------------
 
 
-async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
-    """One benchmark run on a fresh database and topic namespace; returns its figures."""
-    from workers.runtime.supervisor import open_runtime
-
+def _check(opts: BenchOptions) -> None:
     if opts.via not in ("raw", "webhook"):
         raise ConfigError("--via is raw or webhook")
     if not opts.scale or set(opts.scale) - set(BENCH_STAGES):
@@ -244,6 +241,67 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
             "--email needs --imap-user and --imap-password (or LOKET_BENCH_IMAP_PASSWORD)"
         )
 
+
+async def _measure(
+    rt: Runtime, opts: BenchOptions, run_id: str, stages: InProcessStages | WorkerProcesses,
+    secret: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Offer the messages, wait until all are stored, and gather the figures of the run."""
+    before = stages.figures()
+    started = time.time()
+    if opts.via == "webhook":
+        async with webhook_server(rt) as base_url:
+            await run_webhook_client(base_url, secret, opts, run_id)
+    else:
+        await offer_raw(rt, opts, run_id)
+    offered_seconds = time.time() - started
+    try:
+        await wait_stored(
+            rt.pool,
+            "direction = 'in' AND account = $1",
+            (BENCH_ACCOUNT,),
+            opts.messages,
+            stages,
+            opts.stall_seconds,
+        )
+    except BenchError as exc:
+        # Say where the missing messages got to before the run's broker is gone.
+        where = await locate_missing(rt, stages, run_id, opts.messages)
+        raise BenchError(f"{exc}\n{where}") from None
+    figures = await latency_figures(rt.pool, BENCH_ACCOUNT, started)
+    verified = await rt.pool.fetchrow(
+        "SELECT count(*) AS rows, count(DISTINCT (channel, account, external_id)) AS keys,"
+        " (SELECT count(*) FROM tickets) AS tickets, (SELECT count(*) FROM callers) AS callers"
+        " FROM messages"
+    )
+    result: dict[str, Any] = {
+        "messages": opts.messages, "callers": opts.callers, "size": opts.size,
+        "via": opts.via, "processes": opts.processes, "rate": opts.rate,
+        "scale": [s for s in BENCH_STAGES if s in opts.scale] if opts.processes > 1 else [],
+        **figures,
+        "offered_seconds": round(offered_seconds, 3),
+        "verified_rows": verified["rows"], "distinct_keys": verified["keys"],
+        "tickets": verified["tickets"], "callers_created": verified["callers"],
+    }  # fmt: skip
+    if isinstance(stages, InProcessStages):
+        result["stages"] = diff_counts(stages.figures(), before)
+    if opts.email:
+        email_before = stages.figures()
+        result["email"] = await run_email_phase(rt, opts, run_id, stages)
+        if isinstance(stages, InProcessStages):
+            result["email"]["stages"] = diff_counts(stages.figures(), email_before)
+    if isinstance(stages, WorkerProcesses):
+        await stages.collect()
+        result["stages"] = stages.figures()
+        result["workers_rss_mb"] = stages.worker_rss()
+    return result
+
+
+async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
+    """One benchmark run on a fresh database and topic namespace; returns its figures."""
+    from workers.runtime.supervisor import open_runtime
+
+    _check(opts)
     rss_start = rss_mb()
     run_id = secrets.token_hex(5)
     workdir = Path(tempfile.mkdtemp(prefix=f"loket-bench-{run_id}-"))
@@ -282,53 +340,7 @@ async def run_bench(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                 # Sample once every worker has joined its group: a process still starting
                 # has no resident size to read yet.
                 sampling = asyncio.create_task(sample_memory(rt.pool, stages, memory))
-                before = stages.figures()
-                started = time.time()
-                if opts.via == "webhook":
-                    async with webhook_server(rt) as base_url:
-                        await run_webhook_client(base_url, secret, opts, run_id)
-                else:
-                    await offer_raw(rt, opts, run_id)
-                offered_seconds = time.time() - started
-                try:
-                    await wait_stored(
-                        rt.pool,
-                        "direction = 'in' AND account = $1",
-                        (BENCH_ACCOUNT,),
-                        opts.messages,
-                        stages,
-                        opts.stall_seconds,
-                    )
-                except BenchError as exc:
-                    # Say where the missing messages got to before the run's broker is gone.
-                    where = await locate_missing(rt, stages, run_id, opts.messages)
-                    raise BenchError(f"{exc}\n{where}") from None
-                figures = await latency_figures(rt.pool, BENCH_ACCOUNT, started)
-                verified = await rt.pool.fetchrow(
-                    "SELECT count(*) AS rows, count(DISTINCT (channel, account, external_id)) AS keys,"
-                    " (SELECT count(*) FROM tickets) AS tickets, (SELECT count(*) FROM callers) AS callers"
-                    " FROM messages"
-                )
-                result: dict[str, Any] = {
-                    "messages": opts.messages, "callers": opts.callers, "size": opts.size,
-                    "via": opts.via, "processes": opts.processes, "rate": opts.rate,
-                    "scale": [s for s in BENCH_STAGES if s in opts.scale] if opts.processes > 1 else [],
-                    **figures,
-                    "offered_seconds": round(offered_seconds, 3),
-                    "verified_rows": verified["rows"], "distinct_keys": verified["keys"],
-                    "tickets": verified["tickets"], "callers_created": verified["callers"],
-                }  # fmt: skip
-                if isinstance(stages, InProcessStages):
-                    result["stages"] = diff_counts(stages.figures(), before)
-                if opts.email:
-                    email_before = stages.figures()
-                    result["email"] = await run_email_phase(rt, opts, run_id, stages)
-                    if isinstance(stages, InProcessStages):
-                        result["email"]["stages"] = diff_counts(stages.figures(), email_before)
-                if isinstance(stages, WorkerProcesses):
-                    await stages.collect()
-                    result["stages"] = stages.figures()
-                    result["workers_rss_mb"] = stages.worker_rss()
+                result = await _measure(rt, opts, run_id, stages, secret)
             finally:
                 if sampling is not None:
                     sampling.cancel()
