@@ -165,20 +165,26 @@ async def delivery_state(conn: asyncpg.Connection, message_id: int) -> str | Non
     return await conn.fetchval("SELECT status FROM messages WHERE id = $1", message_id)
 
 
-async def mark_sent(conn: asyncpg.Connection, message_id: int, provider_id: str | None) -> None:
+async def mark_sent(
+    conn: asyncpg.Connection, message_id: int, provider_id: str | None
+) -> datetime | None:
+    """Record a reply sent; returns when it was written, None when it was marked before."""
     row = await conn.fetchrow(
         "UPDATE messages SET status = 'sent', provider_id = coalesce($2, provider_id), sent_at = now(),"
         " status_reason = NULL, attempts = attempts + 1 WHERE id = $1 AND status IN ('queued', 'failed')"
-        " RETURNING ticket_id",
+        " RETURNING ticket_id, created_at",
         message_id,
         provider_id,
     )
-    if row is not None:
-        await conn.execute(
-            "INSERT INTO ticket_events (ticket_id, kind, data) VALUES ($1, 'delivery', $2)",
-            row["ticket_id"],
-            {"message_id": message_id, "status": "sent", "provider_id": provider_id},
-        )
+    if row is None:
+        return None
+    await conn.execute(
+        "INSERT INTO ticket_events (ticket_id, kind, data) VALUES ($1, 'delivery', $2)",
+        row["ticket_id"],
+        {"message_id": message_id, "status": "sent", "provider_id": provider_id},
+    )
+    created: datetime = row["created_at"]
+    return created
 
 
 async def mark_failed(conn: asyncpg.Connection, message_id: int, reason: str) -> None:

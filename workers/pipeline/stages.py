@@ -22,6 +22,7 @@ from channels.types import (
 )
 from normalizer.canonical import canonicalize
 from ticketing import callers, replies
+from ticketing.delivery import next_try
 from ticketing.inbound import apply_matched_batch
 from workers.pipeline import bus
 from workers.runtime import metrics
@@ -142,11 +143,6 @@ def receipts_handler(rt: Runtime) -> bus.BatchHandler:
 Sender = Callable[[OutboundReply], Awaitable[DeliveryResult]]
 
 
-def backoff_seconds(attempt: int) -> float:
-    """5 s, 10 s, 20 s ... capped at 10 minutes."""
-    return float(min(5 * 2**attempt, 600))
-
-
 def delivery_handler_for(rt: Runtime, channel: str) -> bus.BatchHandler | None:
     """The delivery stage of `channel`, where an account of it is configured."""
     send = rt.senders().get(channel)
@@ -167,25 +163,19 @@ def delivery_handler(rt: Runtime, channel: str, send: Sender) -> bus.BatchHandle
             try:
                 result = await send(reply)
             except ChannelError as exc:
+                delay = next_try(permanent=exc.permanent, attempt=reply.attempt,
+                                 max_attempts=rt.settings.max_delivery_attempts,
+                                 retry_after=exc.retry_after)  # fmt: skip
                 async with rt.pool.acquire() as conn, conn.transaction():
-                    attempts_left = reply.attempt + 1 < rt.settings.max_delivery_attempts
-                    if exc.permanent or not attempts_left:
+                    if delay is None:
                         await replies.mark_failed(conn, reply.message_id, exc.reason)
-                        metrics.OUTBOUND.labels(channel, reply.account, "failed").inc()
                     else:
-                        delay = (
-                            exc.retry_after
-                            if exc.retry_after is not None
-                            else backoff_seconds(reply.attempt)
-                        )
                         await replies.schedule_retry(conn, reply, delay, exc.reason)
-                        metrics.OUTBOUND.labels(channel, reply.account, "retry").inc()
+                outcome = "failed" if delay is None else "retry"
+                metrics.OUTBOUND.labels(channel, reply.account, outcome).inc()
                 continue
             async with rt.pool.acquire() as conn, conn.transaction():
-                await replies.mark_sent(conn, reply.message_id, result.provider_id)
-                created = await conn.fetchval(
-                    "SELECT created_at FROM messages WHERE id = $1", reply.message_id
-                )
+                created = await replies.mark_sent(conn, reply.message_id, result.provider_id)
             metrics.OUTBOUND.labels(channel, reply.account, "sent").inc()
             if created is not None:
                 metrics.DELIVERY_LATENCY.observe(max(time.time() - created.timestamp(), 0.0))
