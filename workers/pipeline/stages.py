@@ -20,6 +20,7 @@ from channels.types import (
     raw_decoder,
     reply_decoder,
 )
+from normalizer import matching
 from normalizer.canonical import canonicalize
 from ticketing import callers, replies
 from ticketing.delivery import next_try
@@ -55,40 +56,27 @@ def normalizer_handler(rt: Runtime) -> bus.BatchHandler:
             known = await callers.find_by_identities(
                 conn, [m.identity for m in messages if m.identity]
             )
-            # Callers for every unknown sender of the batch at once; the first message of each
-            # is the one that created it.
-            fresh = await callers.create_with_identities(conn, [
-                (m.identity, m.raw.sender_name) for m in messages
-                if m.identity and (m.identity.kind, m.identity.value) not in known
-            ])  # fmt: skip
-            for message in messages:
-                created = False
-                if message.identity is None:
+            # Callers for every unknown sender of the batch at once.
+            fresh = await callers.create_with_identities(
+                conn, matching.unknown_senders(messages, known)
+            )
+            for message, decision in zip(
+                messages, matching.plan(messages, known, fresh), strict=True
+            ):
+                caller_id, reason = decision.caller_id, decision.reason
+                if caller_id is None:
                     caller_id = await callers.create_anonymous(conn, "(sender unknown)")
-                    created, reason = True, "sender unknown: new caller"
-                else:
-                    key = (message.identity.kind, message.identity.value)
-                    if key in fresh:
-                        caller_id, created = fresh.pop(key)
-                        known[key] = caller_id
-                        reason = (
-                            f"new caller for {key[0]}:{key[1]}"
-                            if created
-                            else f"identity {key[0]}:{key[1]}"
-                        )
-                    else:
-                        caller_id, reason = known[key], f"identity {key[0]}:{key[1]}"
                 for extra in message.extra_identities:
                     holder = await callers.attach_identity(conn, caller_id, extra)
                     if holder != caller_id:
                         caller_id = await callers.merge_on_verified_identity(
                             conn, caller_id, holder, extra
                         )
-                        reason += f"; shared {extra.kind} {extra.value} joined caller {caller_id}"
+                        reason = matching.joined(reason, extra, caller_id)
                 matched = MatchedInbound(
                     message=message,
                     caller_id=caller_id,
-                    caller_created=created,
+                    caller_created=decision.created,
                     match_reason=reason,
                 )
                 out.append(
