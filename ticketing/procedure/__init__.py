@@ -29,6 +29,7 @@ from ticketing.procedure.report import OpenReport, OpenTicket, ReportGroup, open
 from ticketing.procedure.tickets import (
     ESCALATION_BATCH,
     Transitioned,
+    add_note,
     assign,
     escalate_overdue,
     log_contact,
@@ -36,6 +37,7 @@ from ticketing.procedure.tickets import (
 )
 
 __all__ = [
+    "add_note",
     "AgentNotFound",
     "CallerConflict",
     "CallerFields",

@@ -257,3 +257,16 @@ async def escalate_overdue(
                 escalated.append(row["id"])
         if len(rows) < batch:
             return escalated
+
+
+async def add_note(
+    conn: asyncpg.Connection, ticket_id: int, agent_id: int, actor: str, note: str
+) -> int | None:
+    """An internal note on a ticket's event log, never sent to the caller; its event id, or
+    None when there is no such ticket."""
+    event_id: int | None = await conn.fetchval(
+        "INSERT INTO ticket_events (ticket_id, actor, agent_id, kind, note)"
+        " SELECT id, $2, $3, 'note', $4 FROM tickets WHERE id = $1 RETURNING id",
+        ticket_id, actor, agent_id, note,
+    )  # fmt: skip
+    return event_id

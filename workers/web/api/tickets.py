@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from ticketing import replies
+from ticketing import replies, views
 from ticketing.views import OVERDUE_SQL
 from workers.web.api.auth import CurrentAgent, Idempotent, require, runtime
 
@@ -152,29 +152,14 @@ class TicketDetail(TicketSummary):
 
 
 async def load_ticket(conn: Any, ticket_id: int) -> TicketDetail:
-    row = await conn.fetchrow(
-        f"{_SUMMARY_SQL.replace('SELECT t.id', 'SELECT t.solution, t.linked_ticket_id, t.closed_at, t.id')}"
-        " WHERE t.id = $1",
-        ticket_id,
-    )
+    row = await views.ticket(conn, ticket_id)
     if row is None:
         raise HTTPException(404, f"ticket {ticket_id} does not exist")
-    messages = [
-        dict(m)
-        for m in await conn.fetch(
-            "SELECT * FROM messages WHERE ticket_id = $1 ORDER BY id", ticket_id
-        )
-    ]
-    files = await conn.fetch(
-        "SELECT * FROM attachments WHERE message_id = ANY($1::bigint[]) ORDER BY id",
-        [m["id"] for m in messages],
+    return TicketDetail(
+        **row,
+        messages=await views.messages(conn, ticket_id),
+        events=await views.events(conn, ticket_id),
     )
-    for message in messages:
-        message["attachments"] = [dict(f) for f in files if f["message_id"] == message["id"]]
-    events = await conn.fetch(
-        "SELECT * FROM ticket_events WHERE ticket_id = $1 ORDER BY id", ticket_id
-    )
-    return TicketDetail(**dict(row), messages=messages, events=[dict(e) for e in events])
 
 
 @router.get(

@@ -15,9 +15,8 @@ from fastapi.responses import (
 )
 
 from channels.types import OUTBOUND_CHANNELS
-from ticketing import procedure, replies, roles
+from ticketing import procedure, replies, roles, views
 from ticketing.states import CLOSE_REASONS, TransitionError
-from ticketing.views import OVERDUE_SQL
 from workers.web import idempotency
 from workers.web.console.common import (
     SAFE_INLINE_IMAGES,
@@ -42,35 +41,14 @@ router = APIRouter(include_in_schema=False)
 
 async def _timeline(conn: asyncpg.Connection, ticket: dict[str, Any]) -> list[dict[str, Any]]:
     """The caller's messages on every ticket and channel, and this ticket's own events, in order."""
-    messages = [
-        dict(r)
-        for r in await conn.fetch(
-            "SELECT * FROM (SELECT m.id, m.ticket_id, m.direction, m.channel, m.account, m.sender,"
-            " m.recipient, m.subject, m.body_text, m.body_display, m.body_html, m.status,"
-            " m.status_reason, m.auto_reply, m.problems, m.meta, m.created_at, m.received_at, m.sent_at,"
-            " t.subject AS ticket_subject FROM messages m JOIN tickets t ON t.id = m.ticket_id"
-            " WHERE t.caller_id = $1 ORDER BY m.id DESC LIMIT $2) recent ORDER BY id",
-            ticket["caller_id"], TIMELINE_LIMIT,
-        )
-    ]  # fmt: skip
-    files = await conn.fetch(
-        "SELECT id, message_id, filename, content_type, size, dropped FROM attachments"
-        " WHERE message_id = ANY($1::bigint[]) ORDER BY id",
-        [m["id"] for m in messages],
-    )
+    messages = await views.caller_messages(conn, ticket["caller_id"], TIMELINE_LIMIT)
     for message in messages:
         message["kind"] = "message"
         message["at"] = message["received_at"] or message["created_at"]
-        message["attachments"] = [dict(f) for f in files if f["message_id"] == message["id"]]
     events = [
-        {**dict(r), "kind": "event"}
-        for r in await conn.fetch(
-            "SELECT id, at, actor, kind AS event_kind, from_status, to_status, from_tier, to_tier,"
-            " note, data FROM ticket_events WHERE ticket_id = $1"
-            " AND kind NOT IN ('message', 'reply', 'delivery') ORDER BY id",
-            ticket["id"],
-        )
-    ]  # fmt: skip
+        {**event, "event_kind": event["kind"], "kind": "event"}
+        for event in await views.events(conn, ticket["id"], without=views.MESSAGE_EVENT_KINDS)
+    ]
     return sorted(
         messages + events, key=lambda item: (item["at"], item["kind"] == "event", item["id"])
     )
@@ -80,23 +58,12 @@ async def _ticket_context(
     request: Request, ticket_id: int, reply_to: int | None = None
 ) -> dict[str, Any] | None:
     async with runtime_of(request).pool.acquire() as conn:
-        row = await conn.fetchrow(
-            f"SELECT t.*, {OVERDUE_SQL} AS overdue, c.name AS caller_name, c.organization,"
-            " ag.username AS assignee FROM tickets t JOIN callers c ON c.id = t.caller_id"
-            " LEFT JOIN agents ag ON ag.id = t.assignee_id WHERE t.id = $1",
-            ticket_id,
-        )
-        if row is None:
+        ticket = await views.ticket(conn, ticket_id)
+        if ticket is None:
             return None
-        ticket = dict(row)
-        agents_list = await conn.fetch(
-            "SELECT id, username, display_name FROM agents WHERE active ORDER BY username"
-        )
+        agents_list = await views.active_agents(conn)
         timeline = await _timeline(conn, ticket)
-        identities = await conn.fetch(
-            "SELECT kind, value, display FROM identities WHERE caller_id = $1 ORDER BY kind, id",
-            ticket["caller_id"],
-        )
+        identities = await views.identities(conn, ticket["caller_id"])
     inbound = [m for m in timeline if m["kind"] == "message" and m["direction"] == "in"
                and m["ticket_id"] == ticket_id and not m["auto_reply"]]  # fmt: skip
     reply_channels = list(
@@ -109,8 +76,7 @@ async def _ticket_context(
     choices = [*reply_channels, *[c for c in ("phone",) if c not in reply_channels]]
     kb_query = ticket["subject"] if has_route(request, "/api/kb") else None
     return {
-        "ticket": ticket, "timeline": timeline, "identities": [dict(i) for i in identities],
-        "agents": [dict(a) for a in agents_list],
+        "ticket": ticket, "timeline": timeline, "identities": identities, "agents": agents_list,
         "reply_channels": choices, "reply_channel": default_channel, "close_reasons": CLOSE_REASONS,
         "kb_url": "/api/kb?" + urllib.parse.urlencode({"q": kb_query}) if kb_query else None,
         "error": None, "draft": "",
@@ -195,11 +161,7 @@ async def ticket_note(request: Request, ticket_id: int) -> Response:
             request, agent, ticket_id, translator_of(request)("note.empty"), 422
         )
     async with runtime_of(request).pool.acquire() as conn:
-        inserted = await conn.fetchval(
-            "INSERT INTO ticket_events (ticket_id, actor, agent_id, kind, note)"
-            " SELECT id, $2, $3, 'note', $4 FROM tickets WHERE id = $1 RETURNING id",
-            ticket_id, agent["username"], agent["id"], note,
-        )  # fmt: skip
+        inserted = await procedure.add_note(conn, ticket_id, agent["id"], agent["username"], note)
     if inserted is None:
         return await _ticket_error(
             request, agent, ticket_id, translator_of(request)("error.no_ticket"), 404
