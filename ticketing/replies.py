@@ -251,3 +251,26 @@ async def apply_receipt(conn: asyncpg.Connection, receipt: DeliveryReceipt) -> i
         {"message_id": row["id"], "status": receipt.status},
     )
     return row["id"]
+
+
+# --- the outbox, as its relay reads it ----------------------------------------------------
+
+
+async def lock_due_outbox(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    """Outbox rows due now (`id, topic, key, payload`), oldest first, locked until the
+    caller's transaction ends; rows another relay holds are skipped."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT id, topic, key, payload FROM outbox WHERE available_at <= now()"
+        " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit,
+    )
+    return rows
+
+
+async def delete_outbox(conn: asyncpg.Connection, ids: list[int]) -> None:
+    """Rows the broker acknowledged."""
+    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", ids)
+
+
+async def outbox_backlog(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM outbox"))

@@ -25,7 +25,7 @@ from channels.email import parse_email
 from channels.imap import ImapAccount, ImapError, ImapMailbox
 from channels.smtp import EmailAccount
 from channels.types import RawInbound
-from ticketing import health
+from ticketing import cursors, health
 from ticketing.db import is_transient
 from workers.pipeline import bus, intake
 from workers.runtime import metrics
@@ -155,12 +155,7 @@ class MailPoller:
 
     async def _load_cursor(self, uidvalidity: int) -> MailCursor:
         async with self.rt.pool.acquire() as conn:
-            stored = await conn.fetchval(
-                "SELECT cursor FROM channel_cursors WHERE channel = $1 AND account = $2 AND scope = $3",
-                self.channel,
-                self.account.name,
-                self.scope,
-            )
+            stored = await cursors.load(conn, self.channel, self.account.name, self.scope)
         if not stored or stored.get("uidvalidity") != uidvalidity:
             if stored:
                 log.warning(
@@ -176,27 +171,15 @@ class MailPoller:
 
     async def _save_cursor(self, cursor: MailCursor) -> None:
         async with self.rt.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO channel_cursors (channel, account, scope, cursor) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT (channel, account, scope) DO UPDATE SET cursor = excluded.cursor, updated_at = now()",
-                self.channel,
-                self.account.name,
-                self.scope,
-                cursor.as_json(),
-            )
+            await cursors.save(conn, self.channel, self.account.name, cursor.as_json(), self.scope)
 
     async def _advance_committed(self, cursor: MailCursor) -> None:
         """Move `committed` up to just below the oldest published message not yet in the database."""
         if cursor.pending:
             async with self.rt.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    "SELECT external_id FROM messages WHERE channel = $1 AND account = $2"
-                    " AND direction = 'in' AND external_id = ANY($3::text[])",
-                    self.channel,
-                    self.account.name,
-                    [ext for ext, _ in cursor.pending.values()],
+                stored = await cursors.stored_ids(
+                    conn, self.channel, self.account.name, [e for e, _ in cursor.pending.values()]
                 )
-            stored = {r["external_id"] for r in rows}
             now = time.time()
             for uid, (ext, published) in list(cursor.pending.items()):
                 if ext in stored or now - published > _GIVE_UP_SECONDS:

@@ -7,6 +7,7 @@ import logging
 
 import asyncpg
 
+from ticketing import replies
 from ticketing.db import is_transient
 from workers.pipeline import bus
 from workers.pipeline.wiring import StageFactory
@@ -19,19 +20,13 @@ log = logging.getLogger(__name__)
 async def relay_once(rt: Runtime, limit: int = 1000) -> int:
     """Publish what is due; returns how many rows went out."""
     async with rt.pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            "SELECT id, topic, key, payload FROM outbox WHERE available_at <= now()"
-            " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            limit,
-        )
+        rows = await replies.lock_due_outbox(conn, limit)
         if not rows:
             return 0
         await bus.publish_all(
             rt.producer, [bus.Publish(r["topic"], r["payload"], r["key"]) for r in rows]
         )
-        await conn.execute(
-            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-        )
+        await replies.delete_outbox(conn, [r["id"] for r in rows])
     return len(rows)
 
 
@@ -48,7 +43,7 @@ async def run_relay(rt: Runtime, stop: asyncio.Event) -> None:
             while await relay_once(rt) > 0:
                 pass
             async with rt.pool.acquire() as conn:
-                metrics.OUTBOX_BACKLOG.set(await conn.fetchval("SELECT count(*) FROM outbox"))
+                metrics.OUTBOX_BACKLOG.set(await replies.outbox_backlog(conn))
             delay = 0.2
             wake.clear()
             try:

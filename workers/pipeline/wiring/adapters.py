@@ -21,7 +21,7 @@ from channels import registry
 from channels.base import Adapter, Context
 from channels.types import ChannelError, DeliveryResult, OutboundReply, RawInbound
 from normalizer.phone import normalize_phone
-from ticketing import health
+from ticketing import cursors, health
 from ticketing.db import is_transient
 from workers.pipeline import bus, intake
 from workers.pipeline.wiring import Sender, StageFactory
@@ -121,34 +121,18 @@ class Poller:
 
     async def load_cursor(self) -> str | None:
         async with self.rt.pool.acquire() as conn:
-            stored = await conn.fetchval(
-                "SELECT cursor FROM channel_cursors WHERE channel = $1 AND account = $2 AND scope = ''",
-                self.channel,
-                self.account.name,
-            )
+            stored = await cursors.load(conn, self.channel, self.account.name)
         value = (stored or {}).get("cursor")
         return str(value) if value is not None else None
 
     async def save_cursor(self, cursor: str) -> None:
         async with self.rt.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO channel_cursors (channel, account, scope, cursor) VALUES ($1, $2, '', $3)"
-                " ON CONFLICT (channel, account, scope) DO UPDATE SET cursor = excluded.cursor, updated_at = now()",
-                self.channel,
-                self.account.name,
-                {"cursor": cursor},
-            )
+            await cursors.save(conn, self.channel, self.account.name, {"cursor": cursor})
 
     async def _stored_count(self, external_ids: list[str]) -> int:
         async with self.rt.pool.acquire() as conn:
-            return int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM messages WHERE channel = $1 AND account = $2"
-                    " AND direction = 'in' AND external_id = ANY($3::text[])",
-                    self.channel,
-                    self.account.name,
-                    external_ids,
-                )
+            return len(
+                await cursors.stored_ids(conn, self.channel, self.account.name, external_ids)
             )
 
     async def wait_committed(self, messages: list[RawInbound], stop: asyncio.Event) -> bool:
