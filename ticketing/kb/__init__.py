@@ -25,8 +25,10 @@ from ticketing.kb.articles import (
     create_article,
     get_article,
     language_of,
+    latest,
     publish_many,
     search_columns,
+    status_of,
     update_article,
 )
 from ticketing.kb.search import (
@@ -55,6 +57,8 @@ from ticketing.kb.usage import (
 )
 
 __all__ = [
+    "latest",
+    "status_of",
     "ArticleInvalid",
     "ArticleNotFound",
     "CANDIDATES",

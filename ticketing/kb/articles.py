@@ -280,3 +280,21 @@ async def publish_many(
     await _count_stems(conn, counts)
     await _add_words(conn, words)
     return len(records)
+
+
+async def latest(conn: asyncpg.Connection, status: str, limit: int) -> list[dict[str, Any]]:
+    """Articles in `status`, the most recently changed first (a search without words)."""
+    rows = await conn.fetch(
+        "SELECT id, problem, solution, tags, language, status, usage_count, source_ticket_id"
+        " FROM kb_articles WHERE status = $1 ORDER BY updated_at DESC, id DESC LIMIT $2",
+        status, limit,
+    )  # fmt: skip
+    return [dict(r) for r in rows]
+
+
+async def status_of(conn: asyncpg.Connection, article_id: int) -> str | None:
+    """An article's status, held until the caller's transaction ends; None if there is none."""
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM kb_articles WHERE id = $1 FOR SHARE", article_id
+    )
+    return status

@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from channels.types import Identity
-from ticketing import procedure
+from ticketing import procedure, views
 from ticketing.callers import IdentityTaken
 from ticketing.states import TransitionError
 from workers.web.api.auth import CurrentAgent, Idempotent, ensure_allowed, require, runtime
@@ -164,8 +164,7 @@ def _identity(kind: str, value: str) -> Identity:
 
 async def _taken(conn: asyncpg.Connection, exc: IdentityTaken) -> HTTPException:
     """409 naming who holds the identity, so the agent can open that caller instead."""
-    holder = await conn.fetchrow("SELECT id, name FROM callers WHERE id = $1", exc.caller_id)
-    name = holder["name"] if holder else None
+    name = await views.caller_name(conn, exc.caller_id)
     return HTTPException(
         409,
         {

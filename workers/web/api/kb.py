@@ -10,7 +10,7 @@ import asyncpg
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from ticketing import kb
+from ticketing import kb, views
 from workers.web.api.auth import CurrentAgent, ensure_allowed, require, runtime
 
 router = APIRouter(prefix="/api")
@@ -127,11 +127,7 @@ async def search_kb(
         if q.strip():
             hits = await kb.search(conn, q, limit=limit, status=status)
             return [SearchHit(**vars(hit)) for hit in hits]
-        rows = await conn.fetch(
-            "SELECT id, problem, solution, tags, language, status, usage_count, source_ticket_id"
-            " FROM kb_articles WHERE status = $1 ORDER BY updated_at DESC, id DESC LIMIT $2",
-            status, limit,
-        )  # fmt: skip
+        rows = await kb.latest(conn, status, limit)
     return [
         SearchHit(**dict(r), score=0.0, snippet=html.escape(" ".join(r["problem"].split())[:300]))
         for r in rows
@@ -204,9 +200,7 @@ async def article_used(
     """The article helped with a ticket: counted once per ticket."""
     async with runtime(request).pool.acquire() as conn:
         async with conn.transaction():
-            status = await conn.fetchval(
-                "SELECT status FROM kb_articles WHERE id = $1 FOR SHARE", article_id
-            )
+            status = await kb.status_of(conn, article_id)
             if status is None:
                 raise HTTPException(404, f"article {article_id} does not exist")
             if status != "published":
@@ -227,7 +221,7 @@ async def ticket_suggestions(
 ) -> list[Suggestion]:
     """The published articles most like the ticket's problem, as the kb-suggest stage found them."""
     async with runtime(request).pool.acquire() as conn:
-        if await conn.fetchval("SELECT 1 FROM tickets WHERE id = $1", ticket_id) is None:
+        if not await views.ticket_exists(conn, ticket_id):
             raise HTTPException(404, f"ticket {ticket_id} does not exist")
         return [Suggestion(**s) for s in await kb.suggestions(conn, ticket_id)]
 

@@ -9,7 +9,6 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from ticketing import replies, views
-from ticketing.views import OVERDUE_SQL
 from workers.web.api.auth import CurrentAgent, Idempotent, require, runtime
 
 router = APIRouter(prefix="/api")
@@ -41,15 +40,6 @@ class TicketList(BaseModel):
     tickets: list[TicketSummary]
 
 
-_SUMMARY_SQL = (
-    "SELECT t.id, t.caller_id, c.name AS caller_name, t.subject, t.status, t.tier, t.close_reason,"
-    " t.channel, t.created_at, t.updated_at, t.last_activity_at, t.first_response_due, t.resolution_due,"
-    f" {OVERDUE_SQL} AS overdue,"
-    " t.assignee_id, ag.username AS assignee"
-    " FROM tickets t JOIN callers c ON c.id = t.caller_id LEFT JOIN agents ag ON ag.id = t.assignee_id"
-)
-
-
 @router.get(
     "/tickets", response_model=TicketList, tags=["tickets"], dependencies=[require("tickets.read")]
 )
@@ -67,35 +57,15 @@ async def list_tickets(
 ) -> TicketList:
     """The queue: tickets filtered by status, tier, channel, caller, overdue and assignee
     (`me`, `none` or an agent id); most urgent first."""
-    where, args = [], []
-    for column, value in (
-        ("t.status", status),
-        ("t.tier", tier),
-        ("t.channel", channel),
-        ("t.caller_id", caller_id),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = ${len(args)}")
-    if overdue is not None:
-        where.append(OVERDUE_SQL if overdue else f"NOT {OVERDUE_SQL}")
-    if assignee == "none":
-        where.append("t.assignee_id IS NULL")
-    elif assignee is not None:
-        args.append(agent.id if assignee == "me" else int(assignee))
-        where.append(f"t.assignee_id = ${len(args)}")
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
     async with runtime(request).pool.acquire() as conn:
-        total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)
-        rows = await conn.fetch(
-            f"{_SUMMARY_SQL}{clause} ORDER BY (t.status = 'closed'), t.resolution_due NULLS LAST, t.id"
-            f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
-            *args,
-            limit,
-            offset,
-        )
+        total, rows = await views.ticket_list(
+            conn, status=status, tier=tier, channel=channel, caller_id=caller_id, overdue=overdue,
+            assignee=(agent.id if assignee == "me" else assignee if assignee in (None, "none")
+                      else int(assignee)),
+            limit=limit, offset=offset,
+        )  # fmt: skip
     return TicketList(
-        total=total, limit=limit, offset=offset, tickets=[TicketSummary(**dict(r)) for r in rows]
+        total=total, limit=limit, offset=offset, tickets=[TicketSummary(**r) for r in rows]
     )
 
 

@@ -9,9 +9,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from typing import Any
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi import APIRouter, Request
 from fastapi.responses import (
@@ -20,8 +18,8 @@ from fastapi.responses import (
 )
 
 from channels.types import CHANNELS
+from ticketing import views
 from ticketing.states import STATUSES, TIERS
-from ticketing.views import NEXT_DUE_SQL, OVERDUE_SQL
 from workers.pipeline import bus
 from workers.web.console.common import (
     FANOUT_IDLE_SECONDS,
@@ -57,64 +55,6 @@ def queue_filters(params: dict[str, str], role: str) -> dict[str, str]:
     }
 
 
-async def queue_page(
-    conn: asyncpg.Connection, filters: dict[str, str], page: int, agent_id: int
-) -> tuple[int, list[dict[str, Any]]]:
-    """One page of the queue, most urgent first: overdue, then the nearest deadline."""
-    where: list[str] = []
-    args: list[Any] = []
-
-    def arg(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    if filters["status"] == "active":
-        where.append("t.status <> 'closed'")
-    elif filters["status"] != "all":
-        where.append(f"t.status = {arg(filters['status'])}")
-    if filters["tier"]:
-        where.append(f"t.tier = {arg(filters['tier'])}")
-    if filters["channel"]:
-        where.append(f"t.channel = {arg(filters['channel'])}")
-    if filters["overdue"]:
-        where.append(OVERDUE_SQL)
-    if filters["assignee"] == "me":
-        where.append(f"t.assignee_id = {arg(agent_id)}")
-    elif filters["assignee"] == "none":
-        where.append("t.assignee_id IS NULL")
-    if filters["demo"]:
-        where.append(f"t.is_demo = {arg(filters['demo'] == '1')}")
-    if filters["q"]:
-        pattern = arg(
-            "%" + filters["q"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        )
-        where.append(
-            f"(t.subject ILIKE {pattern} OR EXISTS (SELECT 1 FROM callers qc"
-            f" WHERE qc.id = t.caller_id AND qc.name ILIKE {pattern}))"
-        )
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    total = await conn.fetchval(f"SELECT count(*) FROM tickets t{clause}", *args)
-    order = f"(t.status = 'closed'), {OVERDUE_SQL} DESC, {NEXT_DUE_SQL} NULLS LAST, t.id"
-    rows = await conn.fetch(
-        f"WITH page AS (SELECT t.*, {OVERDUE_SQL} AS overdue, {NEXT_DUE_SQL} AS next_due,"
-        f" row_number() OVER (ORDER BY {order}) AS rank FROM tickets t{clause}"
-        f" ORDER BY {order} LIMIT {PAGE_SIZE} OFFSET {arg(page * PAGE_SIZE)})"
-        " SELECT p.id, p.caller_id, p.subject, p.status, p.tier, p.channel, p.created_at,"
-        " p.last_activity_at, p.next_due, p.overdue, p.is_demo, c.name AS caller_name,"
-        " i.contact, m.snippet, ag.username AS assignee"
-        " FROM page p JOIN callers c ON c.id = p.caller_id"
-        " LEFT JOIN agents ag ON ag.id = p.assignee_id"
-        " LEFT JOIN LATERAL (SELECT CASE WHEN kind = 'email' THEN value"
-        "   ELSE coalesce(display, value) END AS contact FROM identities"
-        "   WHERE caller_id = p.caller_id ORDER BY valid DESC, id LIMIT 1) i ON true"
-        " LEFT JOIN LATERAL (SELECT left(coalesce(nullif(body_display, ''), body_text), 160) AS snippet"
-        "   FROM messages WHERE ticket_id = p.id AND direction = 'in' ORDER BY id DESC LIMIT 1) m ON true"
-        " ORDER BY p.rank",
-        *args,
-    )
-    return int(total), [dict(r) for r in rows]
-
-
 @router.get("/", response_class=HTMLResponse)
 async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLResponse:
     """Every ticket from every channel, filtered, most urgent first, 100 a page."""
@@ -123,7 +63,7 @@ async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLRespo
     filters = queue_filters(params, agent["role"])
     page = max(page, 0)
     async with runtime_of(request).pool.acquire() as conn:
-        total, tickets = await queue_page(conn, filters, page, agent["id"])
+        total, tickets = await views.queue_page(conn, filters, page, agent["id"], PAGE_SIZE)
     # The tier is always carried, even empty: "all tiers" chosen must not fall back to the role's default.
     query = {k: v for k, v in filters.items() if v or k == "tier"}
     context = {

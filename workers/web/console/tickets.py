@@ -260,9 +260,7 @@ async def attachment(request: Request, attachment_id: int, inline: int = 0) -> R
     await session_agent(request, "tickets.read")
     rt = runtime_of(request)
     async with rt.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT filename, sha256, dropped FROM attachments WHERE id = $1", attachment_id
-        )
+        row = await views.attachment(conn, attachment_id)
     if row is None or row["dropped"] or not row["sha256"]:
         raise HTTPException(404, "no such attachment, or it was not kept")
     try:
