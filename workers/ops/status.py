@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from ticketing import ops as ops_reads
 from ticketing.db import is_transient
 from workers.pipeline import bus, registry
 
@@ -202,14 +203,7 @@ def _stage_offsets(view: KafkaView, stage: str, topic: str) -> tuple[int, int, i
 
 
 async def _previous_samples(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record]]:
-    rows = await conn.fetch(
-        "SELECT stage, at, committed, end_offset FROM stage_samples"
-        " WHERE at > now() - interval '2 hours' ORDER BY stage, at DESC"
-    )
-    samples: dict[str, list[asyncpg.Record]] = {}
-    for row in rows:
-        samples.setdefault(row["stage"], []).append(row)
-    return samples
+    return await ops_reads.recent_samples(conn)
 
 
 def _progress(
@@ -241,15 +235,9 @@ async def record_samples(
     conn: asyncpg.Connection, stages: list[StageStatus], min_interval: float
 ) -> None:
     """Keep this reading for later rates and stall checks (at most one per `min_interval`)."""
-    last = await conn.fetchval("SELECT extract(epoch FROM now() - max(at)) FROM stage_samples")
-    if last is not None and float(last) < min_interval:
-        return
-    await conn.executemany(
-        "INSERT INTO stage_samples (stage, committed, end_offset, members) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT DO NOTHING",
-        [(s.stage, s.committed, s.end, s.members) for s in stages],
+    await ops_reads.record_samples(
+        conn, [(s.stage, s.committed, s.end, s.members) for s in stages], min_interval
     )
-    await conn.execute("DELETE FROM stage_samples WHERE at < now() - interval '2 hours'")
 
 
 async def collect_status(
@@ -374,26 +362,11 @@ async def _database_part(
     stall_seconds: float,
     sample_interval: float,
 ) -> None:
-    outbox = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE available_at <= now()) AS due,"
-        " count(*) FILTER (WHERE available_at > now()) AS scheduled,"
-        " extract(epoch FROM now() - min(available_at) FILTER (WHERE available_at <= now())) AS oldest"
-        " FROM outbox"
-    )
+    outbox = await ops_reads.outbox_state(conn)
     status.outbox_due, status.outbox_scheduled = outbox["due"], outbox["scheduled"]
     status.outbox_oldest_seconds = float(outbox["oldest"]) if outbox["oldest"] is not None else None
-    status.channels = [
-        ChannelHealth(**dict(r))
-        for r in await conn.fetch(
-            "SELECT channel, account, state, last_ok_at, last_error, updated_at FROM channel_health"
-            " ORDER BY channel, account"
-        )
-    ]
-    traffic = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE direction = 'in' AND created_at > now() - interval '5 minutes') AS inbound,"
-        " count(*) FILTER (WHERE direction = 'out' AND sent_at > now() - interval '5 minutes') AS outbound"
-        " FROM messages WHERE created_at > now() - interval '1 day'"
-    )
+    status.channels = [ChannelHealth(**r) for r in await ops_reads.channel_health(conn)]
+    traffic = await ops_reads.recent_traffic(conn)
     status.inbound_per_min, status.outbound_per_min = (
         traffic["inbound"] / 5,
         traffic["outbound"] / 5,
@@ -457,23 +430,15 @@ async def series(conn: asyncpg.Connection, minutes: int = 60) -> dict[str, Any]:
     buckets = [start + timedelta(minutes=i) for i in range(minutes)]
     index = {b: i for i, b in enumerate(buckets)}
     inbound, outbound = [0] * minutes, [0] * minutes
-    for row in await conn.fetch(
-        "SELECT date_trunc('minute', created_at) AS minute, count(*) AS n FROM messages"
-        " WHERE direction = 'in' AND created_at >= $1 GROUP BY 1", start,
-    ):  # fmt: skip
+    counted = await ops_reads.per_minute(conn, start)
+    for row in counted["inbound"]:
         if row["minute"] in index:
             inbound[index[row["minute"]]] = row["n"]
-    for row in await conn.fetch(
-        "SELECT date_trunc('minute', sent_at) AS minute, count(*) AS n FROM messages"
-        " WHERE direction = 'out' AND sent_at >= $1 GROUP BY 1", start,
-    ):  # fmt: skip
+    for row in counted["outbound"]:
         if row["minute"] in index:
             outbound[index[row["minute"]]] = row["n"]
     lag: dict[str, list[int | None]] = {}
-    for row in await conn.fetch(
-        "SELECT date_trunc('minute', at) AS minute, stage, max(end_offset - committed) AS lag"
-        " FROM stage_samples WHERE at >= $1 GROUP BY 1, 2", start,
-    ):  # fmt: skip
+    for row in counted["lag"]:
         if row["minute"] in index:
             lag.setdefault(row["stage"], [None] * minutes)[index[row["minute"]]] = max(
                 int(row["lag"]), 0
