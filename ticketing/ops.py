@@ -87,3 +87,71 @@ async def per_minute(conn: asyncpg.Connection, start: datetime) -> dict[str, lis
             " FROM stage_samples WHERE at >= $1 GROUP BY 1, 2", start,
         ),
     }  # fmt: skip
+
+
+# --- what a message trace reads ------------------------------------------------------------
+
+
+async def traced_message(conn: asyncpg.Connection, ident: str) -> asyncpg.Record | None:
+    """The message a trace starts from: by message id, else the first with that trace id."""
+    message = None
+    if ident.isdigit() and len(ident) < 19:
+        message = await conn.fetchrow("SELECT * FROM messages WHERE id = $1", int(ident))
+    if message is None:
+        message = await conn.fetchrow(
+            "SELECT * FROM messages WHERE trace_id = $1 ORDER BY direction, id LIMIT 1", ident
+        )
+    return message
+
+
+async def caller_brief(conn: asyncpg.Connection, caller_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT id, name, created_at FROM callers WHERE id = $1", caller_id)
+
+
+async def ticket_brief(conn: asyncpg.Connection, ticket_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, created_at, subject FROM tickets WHERE id = $1", ticket_id
+    )
+
+
+async def message_event(
+    conn: asyncpg.Connection, ticket_id: int, message_id: int
+) -> asyncpg.Record | None:
+    """The `message` event that stored a message (`at`, `data` with the match reason)."""
+    return await conn.fetchrow(
+        "SELECT at, data FROM ticket_events WHERE ticket_id = $1 AND kind = 'message'"
+        " AND data->>'message_id' = $2 ORDER BY id LIMIT 1",
+        ticket_id, str(message_id),
+    )  # fmt: skip
+
+
+async def reopened_at(conn: asyncpg.Connection, ticket_id: int, at: datetime) -> bool:
+    """Whether the ticket was reopened in the transaction that stored a message at `at`."""
+    found = await conn.fetchval(
+        "SELECT 1 FROM ticket_events WHERE ticket_id = $1 AND kind = 'reopened' AND at = $2",
+        ticket_id, at,
+    )  # fmt: skip
+    return found is not None
+
+
+async def answers(
+    conn: asyncpg.Connection, ticket_id: int, message_id: int
+) -> list[asyncpg.Record]:
+    """The replies written after an inbound message and before the caller's next one (20 at most)."""
+    return list(await conn.fetch(
+        "SELECT * FROM messages WHERE ticket_id = $1 AND direction = 'out' AND id > $2 AND id < coalesce("
+        " (SELECT min(id) FROM messages WHERE ticket_id = $1 AND direction = 'in' AND id > $2), 9223372036854775807)"
+        " ORDER BY id LIMIT 20",
+        ticket_id, message_id,
+    ))  # fmt: skip
+
+
+async def delivery_events(
+    conn: asyncpg.Connection, ticket_id: int, message_id: int
+) -> list[asyncpg.Record]:
+    """A reply's delivery events (`at`, `note`, `data`), oldest first."""
+    return list(await conn.fetch(
+        "SELECT at, note, data FROM ticket_events WHERE ticket_id = $1 AND kind = 'delivery'"
+        " AND data->>'message_id' = $2 ORDER BY id",
+        ticket_id, str(message_id),
+    ))  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from ticketing import ops as ops_reads
 from workers.ops.shunt import ShuntEntry
 from workers.ops.status import jsonable
 
@@ -54,13 +55,7 @@ async def trace(
     (an address, a text) and internals, which are for those who may read the shunt.
     """
     result = Trace(query=ident)
-    message = None
-    if ident.isdigit() and len(ident) < 19:
-        message = await conn.fetchrow("SELECT * FROM messages WHERE id = $1", int(ident))
-    if message is None:
-        message = await conn.fetchrow(
-            "SELECT * FROM messages WHERE trace_id = $1 ORDER BY direction, id LIMIT 1", ident
-        )
+    message = await ops_reads.traced_message(conn, ident)
     if message is not None:
         result.message_id, result.ticket_id = message["id"], message["ticket_id"]
         result.trace_id = message["trace_id"]
@@ -100,27 +95,16 @@ async def _inbound_hops(conn: asyncpg.Connection, message: asyncpg.Record, resul
         f"{message['channel']}/{message['account']} from {message['sender']}"
         f" (external id {message['external_id']}){sent}",
     ))  # fmt: skip
-    caller = await conn.fetchrow(
-        "SELECT id, name, created_at FROM callers WHERE id = $1", message["caller_id"]
-    )
-    event = await conn.fetchrow(
-        "SELECT at, data FROM ticket_events WHERE ticket_id = $1 AND kind = 'message'"
-        " AND data->>'message_id' = $2 ORDER BY id LIMIT 1",
-        message["ticket_id"], str(message["id"]),
-    )  # fmt: skip
+    caller = await ops_reads.caller_brief(conn, message["caller_id"])
+    event = await ops_reads.message_event(conn, message["ticket_id"], message["id"])
     reason = (event["data"] or {}).get("match") if event else None
     name = f" ({caller['name']})" if caller and caller["name"] else ""
     result.hops.append(Hop(
         "matched", epoch_time(meta.get("normalized_at")),
         f"caller #{message['caller_id']}{name}: {reason or 'no match reason recorded'}",
     ))  # fmt: skip
-    ticket = await conn.fetchrow(
-        "SELECT id, created_at, subject FROM tickets WHERE id = $1", message["ticket_id"]
-    )
-    reopened = await conn.fetchval(
-        "SELECT 1 FROM ticket_events WHERE ticket_id = $1 AND kind = 'reopened' AND at = $2",
-        message["ticket_id"], message["created_at"],
-    )  # fmt: skip
+    ticket = await ops_reads.ticket_brief(conn, message["ticket_id"])
+    reopened = await ops_reads.reopened_at(conn, message["ticket_id"], message["created_at"])
     if ticket["created_at"] == message["created_at"]:
         outcome = "new ticket"
     elif reopened:
@@ -132,13 +116,7 @@ async def _inbound_hops(conn: asyncpg.Connection, message: asyncpg.Record, resul
         "ticketed", message["created_at"],
         f"ticket #{ticket['id']} \"{ticket['subject']}\": {outcome}{flag}; message #{message['id']}",
     ))  # fmt: skip
-    answers = await conn.fetch(
-        "SELECT * FROM messages WHERE ticket_id = $1 AND direction = 'out' AND id > $2 AND id < coalesce("
-        " (SELECT min(id) FROM messages WHERE ticket_id = $1 AND direction = 'in' AND id > $2), 9223372036854775807)"
-        " ORDER BY id LIMIT 20",
-        message["ticket_id"], message["id"],
-    )  # fmt: skip
-    for reply in answers:
+    for reply in await ops_reads.answers(conn, message["ticket_id"], message["id"]):
         await _reply_hops(conn, reply, result)
 
 
@@ -151,11 +129,7 @@ async def _reply_hops(conn: asyncpg.Connection, reply: asyncpg.Record, result: T
         f"reply #{reply['id']} by {reply['sender'] or 'an agent'} on {reply['channel']}/{reply['account']}"
         f" to {reply['recipient']}, queued; now {now_status}",
     ))  # fmt: skip
-    for event in await conn.fetch(
-        "SELECT at, note, data FROM ticket_events WHERE ticket_id = $1 AND kind = 'delivery'"
-        " AND data->>'message_id' = $2 ORDER BY id",
-        reply["ticket_id"], str(reply["id"]),
-    ):  # fmt: skip
+    for event in await ops_reads.delivery_events(conn, reply["ticket_id"], reply["id"]):
         data = event["data"] or {}
         state = data.get("status", "delivery")
         detail = f"reply #{reply['id']}"
