@@ -78,3 +78,43 @@ class Adapter(Generic[A]):
         if self.default_provider is None:
             return True
         return entry.get("provider", self.default_provider) == self.name
+
+
+# Adapters for providers whose functions predate this interface, by the shape they take.
+
+
+def send_without_context(
+    send: Callable[[A, OutboundReply], Awaitable[DeliveryResult]],
+) -> Send[A]:
+    """`send(account, reply)` for a provider that needs nothing from the process."""
+
+    async def adapted(account: A, reply: OutboundReply, ctx: Context) -> DeliveryResult:
+        return await send(account, reply)
+
+    return adapted
+
+
+def webhook_with_media(handle: Callable[..., Awaitable[WebhookOutcome]]) -> Webhook[A]:
+    """`handle(account, method, query, headers, body, *, blobs, max_attachment_bytes)`: a
+    platform whose calls carry media to fetch into the blob store."""
+
+    async def adapted(account: A, request: WebhookRequest, ctx: Context) -> WebhookOutcome:
+        return await handle(
+            account, request.method, request.query, request.headers, request.body,
+            blobs=ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes,
+        )  # fmt: skip
+
+    return adapted
+
+
+def poll_with_media(
+    poll: Callable[..., Awaitable[tuple[list[RawInbound], str | None]]],
+) -> Poll[A]:
+    """`poll(account, cursor, blobs, *, max_attachment_bytes)`."""
+
+    async def adapted(
+        account: A, cursor: str | None, ctx: Context
+    ) -> tuple[list[RawInbound], str | None]:
+        return await poll(account, cursor, ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes)
+
+    return adapted

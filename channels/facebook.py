@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from channels import media
-from channels.base import Adapter, Context, WebhookRequest
+from channels.base import Adapter, send_without_context, webhook_with_media
 from channels.social_common import (
     dropped_attachment,
     filename_from_url,
@@ -346,20 +346,8 @@ def _regain_access(response: httpx.Response) -> float:
 # --- the adapter ------------------------------------------------------------------------------
 
 
-async def _webhook(
-    account: FacebookAccount, request: WebhookRequest, ctx: Context
-) -> WebhookOutcome:
-    return await handle_webhook(
-        account, request.method, request.query, request.headers, request.body,
-        blobs=ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes,
-    )  # fmt: skip
-
-
-async def _send(account: FacebookAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
-    return await send(account, reply)
-
-
 ADAPTER: Adapter[FacebookAccount] = Adapter(
     name="facebook", channel="facebook", path="facebook", account=FacebookAccount.from_config,
-    webhook=_webhook, webhook_methods=("GET", "POST"), send=_send,
+    webhook=webhook_with_media(handle_webhook), webhook_methods=("GET", "POST"),
+    send=send_without_context(send),
 )  # fmt: skip

@@ -24,7 +24,7 @@ from telegram.error import (
 from telegram.ext import AIORateLimiter, ExtBot
 
 from channels import media
-from channels.base import Adapter, Context, WebhookRequest
+from channels.base import Adapter, poll_with_media, send_without_context, webhook_with_media
 from channels.social_common import (
     dropped_attachment,
     json_object,
@@ -357,26 +357,8 @@ def _channel_error(exc: TelegramError) -> ChannelError:
 # --- the adapter ------------------------------------------------------------------------------
 
 
-async def _webhook(
-    account: TelegramAccount, request: WebhookRequest, ctx: Context
-) -> WebhookOutcome:
-    return await handle_webhook(
-        account, request.method, request.query, request.headers, request.body,
-        blobs=ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes,
-    )  # fmt: skip
-
-
-async def _send(account: TelegramAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
-    return await send(account, reply)
-
-
-async def _poll(
-    account: TelegramAccount, cursor: str | None, ctx: Context
-) -> tuple[list[RawInbound], str | None]:
-    return await poll(account, cursor, ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes)
-
-
 ADAPTER: Adapter[TelegramAccount] = Adapter(
     name="telegram", channel="telegram", path="telegram", account=TelegramAccount.from_config,
-    webhook=_webhook, send=_send, poll=_poll, poll_seconds=2.0,
+    webhook=webhook_with_media(handle_webhook), send=send_without_context(send),
+    poll=poll_with_media(poll), poll_seconds=2.0,
 )  # fmt: skip

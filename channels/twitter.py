@@ -11,7 +11,7 @@ from typing import Any
 
 from tweepy.asynchronous import AsyncClient
 
-from channels.base import Adapter, Context, WebhookRequest
+from channels.base import Adapter, Context, WebhookRequest, poll_with_media, send_without_context
 from channels.social_common import hmac_sha256, json_object, same_secret
 from channels.twitter_api import call, client_for
 from channels.types import (
@@ -428,19 +428,10 @@ async def _webhook(
     )
 
 
-async def _send(account: TwitterAccount, reply: OutboundReply, ctx: Context) -> DeliveryResult:
-    return await send(account, reply)
-
-
-async def _poll(
-    account: TwitterAccount, cursor: str | None, ctx: Context
-) -> tuple[list[RawInbound], str | None]:
-    return await poll(account, cursor, ctx.blobs, max_attachment_bytes=ctx.max_attachment_bytes)
-
-
 ADAPTER: Adapter[TwitterAccount] = Adapter(
     name="twitter", channel="twitter", path="twitter", account=TwitterAccount.from_config,
-    webhook=_webhook, webhook_methods=("GET", "POST"), send=_send, poll=_poll,
+    webhook=_webhook, webhook_methods=("GET", "POST"), send=send_without_context(send),
+    poll=poll_with_media(poll),
     # X's read endpoints allow a few hundred calls per 15 minutes; once a minute stays inside.
     poll_seconds=60.0,
 )  # fmt: skip
