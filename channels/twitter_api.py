@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 import tweepy.errors
@@ -14,12 +14,31 @@ from yarl import URL
 
 from channels.types import ChannelError
 
-if TYPE_CHECKING:
-    from channels.twitter import TwitterAccount
-
 TWEEPY_HOST = "api.twitter.com"  # tweepy hard-codes this host; requests are re-pointed below
 TIMEOUT = aiohttp.ClientTimeout(total=20, connect=5)
 DEFAULT_RATE_LIMIT_WAIT = 60.0
+
+
+class Credentials(Protocol):
+    """What an X account gives the client (`channels.twitter.TwitterAccount`)."""
+
+    @property
+    def bearer_token(self) -> str: ...
+
+    @property
+    def consumer_key(self) -> str: ...
+
+    @property
+    def consumer_secret(self) -> str: ...
+
+    @property
+    def access_token(self) -> str: ...
+
+    @property
+    def access_token_secret(self) -> str: ...
+
+    @property
+    def api_url(self) -> str: ...
 
 
 class RewritingSession:
@@ -41,7 +60,7 @@ class RewritingSession:
 
 
 @asynccontextmanager
-async def client_for(account: TwitterAccount) -> AsyncIterator[AsyncClient]:
+async def client_for(account: Credentials) -> AsyncIterator[AsyncClient]:
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         client = AsyncClient(
             bearer_token=account.bearer_token or None,
