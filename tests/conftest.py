@@ -98,3 +98,42 @@ def stack(
     running.up()
     yield running
     running.stop()
+
+
+# --- test groups -------------------------------------------------------------------------------
+
+# Each test module's group, as a marker: `unit` needs no server (in-process fakes at most),
+# `db` needs PostgreSQL, `e2e` a broker, a mail server, Kannel, a browser, OCR or loket
+# processes. `pytest -m unit` runs in seconds; a module not listed here is a collection error.
+TEST_GROUPS: dict[str, tuple[str, ...]] = {
+    "unit": (
+        "adapters", "budget", "canonical", "compose", "config", "delivery_policy",
+        "email_normalize", "email_parse", "facebook", "intake", "kannel", "matching",
+        "media_fetch", "phone", "sla", "sms_text", "stage_memory", "states", "supervisor",
+        "telegram", "twilio", "twitter",
+    ),
+    "db": ("kb_search", "procedure_db"),
+    "e2e": (
+        "api_security", "bad_input", "bench", "bus", "console_browser", "demo",
+        "edge_validation", "email_e2e", "email_faults", "email_realworld", "embedded", "faults",
+        "fax", "fax_e2e", "http_hardening", "idempotency", "imap", "journal", "kb_e2e",
+        "log_secrets", "login", "mailpoll_pool", "ops_e2e", "oversize", "procedure_e2e", "roles",
+        "sms_e2e", "social_e2e", "stall", "support",
+    ),
+}  # fmt: skip
+_GROUP_OF = {f"test_{name}": group for group, names in TEST_GROUPS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unlisted = set()
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        group = _GROUP_OF.get(module)
+        if group is None:
+            unlisted.add(module)
+            continue
+        item.add_marker(getattr(pytest.mark, group))
+    if unlisted:
+        raise pytest.UsageError(
+            f"tests/conftest.py TEST_GROUPS: say the group of {', '.join(sorted(unlisted))}"
+        )
