@@ -10,18 +10,53 @@ from typing import Literal, Protocol
 import msgspec
 
 Channel = Literal["email", "sms", "fax", "facebook", "twitter", "telegram", "phone", "walk_in"]
-CHANNELS: tuple[str, ...] = (
-    "email",
-    "sms",
-    "fax",
-    "facebook",
-    "twitter",
-    "telegram",
-    "phone",
-    "walk_in",
+
+
+class ChannelKind(msgspec.Struct, frozen=True):
+    """A channel as the pipeline knows it.
+
+    `identity`: the kind of identity its senders have (`phone`, `fax`, `email`), `platform`
+    for a platform's own user ids (the identity kind is then the channel's name), None when
+    an agent types it (a walk-in). `outbound`: replies go out on it through a delivery stage;
+    a call's or a visit's answer is logged, not sent.
+    """
+
+    name: str
+    identity: str | None
+    outbound: bool = True
+
+    @property
+    def identity_kind(self) -> str | None:
+        return self.name if self.identity == "platform" else self.identity
+
+
+# Every channel, once: a new one is a line here and its adapter in `channels.registry`.
+CHANNEL_KINDS: tuple[ChannelKind, ...] = (
+    ChannelKind("email", "email"),
+    ChannelKind("sms", "phone"),
+    ChannelKind("fax", "fax"),
+    ChannelKind("facebook", "platform"),
+    ChannelKind("twitter", "platform"),
+    ChannelKind("telegram", "platform"),
+    ChannelKind("phone", "phone", outbound=False),
+    ChannelKind("walk_in", None, outbound=False),
 )
-# Channels that have an outbound delivery stage; phone/walk-in replies are logged, not sent.
-OUTBOUND_CHANNELS: tuple[str, ...] = ("email", "sms", "fax", "facebook", "twitter", "telegram")
+CHANNELS: tuple[str, ...] = tuple(k.name for k in CHANNEL_KINDS)
+OUTBOUND_CHANNELS: tuple[str, ...] = tuple(k.name for k in CHANNEL_KINDS if k.outbound)
+# Channels whose senders are the platform's user ids.
+PLATFORM_CHANNELS: tuple[str, ...] = tuple(
+    k.name for k in CHANNEL_KINDS if k.identity == "platform"
+)
+# Every kind of identity a caller can have, by which a sender is matched.
+IDENTITY_KINDS: tuple[str, ...] = tuple(
+    dict.fromkeys(k.identity_kind for k in CHANNEL_KINDS if k.identity_kind)
+)
+# The channel a reply to an identity of each kind goes out on (the first such channel listed).
+REPLY_CHANNEL_OF_IDENTITY: dict[str, str] = {
+    kind: k.name
+    for k in reversed(CHANNEL_KINDS)
+    if k.outbound and (kind := k.identity_kind) is not None
+}
 
 
 def outbound_topic(channel: str) -> str:

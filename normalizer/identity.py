@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 
-from channels.types import Identity
+from channels.types import PLATFORM_CHANNELS, Identity
 from normalizer.phone import looks_like_phone, normalize_phone
-
-PLATFORM_CHANNELS: tuple[str, ...] = ("facebook", "twitter", "telegram")
 
 # Placeholders gateways and fax machines put where the number was withheld.
 _WITHHELD = frozenset(

@@ -9,11 +9,14 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from channels.types import OUTBOUND_CHANNELS, DeliveryReceipt, OutboundReply, outbound_topic
+from channels.types import (
+    OUTBOUND_CHANNELS,
+    REPLY_CHANNEL_OF_IDENTITY,
+    DeliveryReceipt,
+    OutboundReply,
+    outbound_topic,
+)
 
-# Reply target channels in order of preference when the ticket has no inbound message to answer.
-_IDENTITY_CHANNELS = {"email": "email", "phone": "sms", "telegram": "telegram",
-                      "facebook": "facebook", "twitter": "twitter", "fax": "fax"}  # fmt: skip
 _STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 
 
@@ -62,7 +65,7 @@ async def _target(
         ticket["caller_id"],
     )
     for identity in identities:
-        target_channel = _IDENTITY_CHANNELS.get(identity["kind"])
+        target_channel = REPLY_CHANNEL_OF_IDENTITY.get(identity["kind"])
         if target_channel is None or (channel is not None and target_channel != channel):
             continue
         if accounts.get(target_channel):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from channels.types import Identity
+from channels.types import IDENTITY_KINDS, Identity
 from normalizer.identity import identity_for
 from normalizer.phone import PHONE_KINDS, normalize_phone
 
-IDENTITY_KINDS: tuple[str, ...] = ("phone", "fax", "email", "facebook", "twitter", "telegram")
 # The past tense of each action, as the event log names what happened.
 EVENT_KINDS: dict[str, str] = {
     "pend": "pended",
