@@ -72,6 +72,8 @@ class Adapter(Generic[A]):
     poll: Poll[A] | None = None
     poll_seconds: float = 60.0  # the pause between empty polls unless `poll_seconds` is set
     default_provider: str | None = None
+    # Called once at shutdown, for clients the adapter keeps open (Telegram's bots).
+    close: Callable[[], Awaitable[None]] | None = None
 
     def owns(self, entry: dict[str, Any]) -> bool:
         """Whether a `[[channels.<channel>]]` entry is an account of this provider."""

@@ -360,5 +360,5 @@ def _channel_error(exc: TelegramError) -> ChannelError:
 ADAPTER: Adapter[TelegramAccount] = Adapter(
     name="telegram", channel="telegram", path="telegram", account=TelegramAccount.from_config,
     webhook=webhook_with_media(handle_webhook), send=send_without_context(send),
-    poll=poll_with_media(poll), poll_seconds=2.0,
+    poll=poll_with_media(poll), poll_seconds=2.0, close=close_bots,
 )  # fmt: skip

@@ -69,12 +69,16 @@ async def open_runtime(
         try:
             yield rt
         finally:
-            telegram = sys.modules.get("channels.telegram")
-            if telegram is not None:  # only loaded where a Telegram account is in use
+            # Only where the adapters were loaded (webhooks, delivery, pollers): a worker that
+            # never needed them does not import every provider's SDK to close nothing.
+            channel_registry = sys.modules.get("channels.registry")
+            for adapter in channel_registry.ADAPTERS if channel_registry else ():
+                if adapter.close is None:
+                    continue
                 try:
-                    await telegram.close_bots()
+                    await adapter.close()
                 except Exception as exc:  # shutting down: say so, and stop the rest
-                    log.warning("closing the Telegram bots failed: %s", exc)
+                    log.warning("closing the %s adapter failed: %s", adapter.name, exc)
             await producer.stop()
             await pool.close()
     finally:

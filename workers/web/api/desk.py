@@ -13,7 +13,7 @@ import asyncpg
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from channels.types import Identity
+from channels.types import CHANNELS, IDENTITY_KINDS, Identity
 from ticketing import procedure, views
 from ticketing.callers import IdentityTaken
 from ticketing.states import TransitionError
@@ -22,8 +22,9 @@ from workers.web.api.tickets import TicketDetail, load_ticket
 
 router = APIRouter(prefix="/api")
 
-Channel = Literal["phone", "walk_in", "email", "sms", "fax", "facebook", "twitter", "telegram"]
-IdentityKind = Literal["phone", "fax", "email", "facebook", "twitter", "telegram"]
+# The channels and identity kinds of channels.types, as the API's schema lists them.
+Channel = Literal[CHANNELS]  # type: ignore[valid-type]
+IdentityKind = Literal[IDENTITY_KINDS]  # type: ignore[valid-type]
 
 
 # --- models --------------------------------------------------------------------------------
