@@ -9,8 +9,6 @@ from typing import Literal, Protocol
 
 import msgspec
 
-Channel = Literal["email", "sms", "fax", "facebook", "twitter", "telegram", "phone", "walk_in"]
-
 
 class ChannelKind(msgspec.Struct, frozen=True):
     """A channel as the pipeline knows it.
