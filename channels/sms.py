@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 Encoding = Literal["gsm7", "ucs2"]
 
@@ -69,17 +69,3 @@ def split_parts(text: str) -> list[str]:
 def segment_count(text: str) -> int:
     """How many SMS segments `text` is billed and sent as (an empty text is one segment)."""
     return len(split_parts(text))
-
-
-def account_from_config(d: dict[str, Any]) -> Any:
-    """Build the account of a `[[channels.sms]]` entry for its `provider`."""
-    provider = d.get("provider")
-    if provider == "kannel":
-        from channels.kannel import KannelAccount
-
-        return KannelAccount.from_config(d)
-    if provider == "twilio":
-        from channels.twilio import TwilioAccount
-
-        return TwilioAccount.from_config(d)
-    raise ValueError(f"channels.sms {d.get('name')!r}: unknown provider {provider!r}")

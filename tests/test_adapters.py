@@ -159,3 +159,13 @@ def test_delivery_reports_come_back_to_the_adapter_path() -> None:
     assert Context(public_url=f"{PUBLIC}/").webhook_url(kannel, "kannel-main") == (
         f"{PUBLIC}/webhooks/sms/kannel?account=kannel-main"
     )
+
+
+def test_an_entry_no_provider_owns_stops_the_start_with_its_name() -> None:
+    from types import SimpleNamespace
+
+    from workers.pipeline.wiring.adapters import channel_accounts
+
+    rt = SimpleNamespace(channels={"sms": [{"name": "x", "provider": "carrier-pigeon"}]})
+    with pytest.raises(ValueError, match="'x': unknown provider 'carrier-pigeon'"):
+        channel_accounts(rt, "sms")  # type: ignore[arg-type]

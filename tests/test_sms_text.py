@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from channels import registry
 from channels.sms import (
     GSM7_BASIC,
     GSM7_EXTENSION,
     PART_LIMIT,
     SINGLE_LIMIT,
-    account_from_config,
     encoding_for,
     segment_count,
     split_parts,
@@ -81,21 +81,25 @@ def test_parts_join_back_and_fit(text: str) -> None:
     assert segment_count(text) == len(parts)
 
 
-def test_account_from_config_picks_the_provider() -> None:
-    kannel = account_from_config(
+def test_an_sms_entry_is_an_account_of_its_provider() -> None:
+    def account(entry: dict[str, str]) -> object:
+        adapter = registry.of_entry("sms", entry)
+        assert adapter is not None, entry
+        return adapter.account(entry)
+
+    kannel = account(
         {
             "name": "k", "provider": "kannel", "sender": "500005",
             "sendsms_url": "http://127.0.0.1:13013/cgi-bin/sendsms",
             "username": "u", "password": "p", "inbound_secret": "0123456789abcdefXYZ",
         }
     )  # fmt: skip
-    assert type(kannel).__name__ == "KannelAccount" and kannel.sender == "500005"
-    twilio = account_from_config(
+    assert type(kannel).__name__ == "KannelAccount" and kannel.sender == "500005"  # type: ignore[attr-defined]
+    twilio = account(
         {
             "name": "t", "provider": "twilio", "sender": "+15005550006",
             "account_sid": "AC123", "auth_token": "tok",
         }
     )  # fmt: skip
-    assert type(twilio).__name__ == "TwilioAccount" and twilio.api_url == "https://api.twilio.com"
-    with pytest.raises(ValueError):
-        account_from_config({"name": "x", "provider": "carrier-pigeon"})
+    assert type(twilio).__name__ == "TwilioAccount" and twilio.api_url == "https://api.twilio.com"  # type: ignore[attr-defined]
+    assert registry.of_entry("sms", {"name": "x", "provider": "carrier-pigeon"}) is None
