@@ -157,9 +157,11 @@ class Stage:
                     await metrics.refresh_lag(self.name, consumer)
         finally:
             watching.cancel()
-            try:
-                await asyncio.wait_for(consumer.stop(), timeout=CLOSE_TIMEOUT)
-            except TimeoutError:
+            # Not wait_for: a close stuck on a dead broker may not end when cancelled either,
+            # and the stage must go on all the same.
+            closing = asyncio.ensure_future(consumer.stop())
+            closed, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+            if not closed:
                 log.error("stage %s: the consumer did not close in %.0fs; going on without it",
                           self.name, CLOSE_TIMEOUT)  # fmt: skip
 
@@ -341,15 +343,23 @@ class Stage:
         pending = list(outputs)
         delay = 0.2
         while True:
-            try:
-                unwritable, pending, error = await asyncio.wait_for(
-                    send_each(self.producer, pending), timeout=PUBLISH_TIMEOUT
-                )
-            except TimeoutError as exc:
+            sending = asyncio.ensure_future(send_each(self.producer, pending))
+            sent, _ = await asyncio.wait({sending}, timeout=PUBLISH_TIMEOUT)
+            if sent:
+                unwritable, pending, error = sending.result()
+            else:
                 # Some may have been acknowledged: sending them again is harmless (natural keys).
-                unwritable, error = [], exc
+                # Cancelled without waiting: a send stuck on a dead broker may not end at once.
+                sending.cancel()
+                unwritable, error = [], TimeoutError(f"no acknowledgement in {PUBLISH_TIMEOUT}s")
             refused.extend(unwritable)
             if not pending:
+                return refused
+            if self._broker_reset():
+                # What these outputs came from belongs to a broker that is gone: the batch is
+                # not committed, and its messages come back through the new one.
+                log.warning("stage %s: the broker was reset while publishing; giving up the batch",
+                            self.name)  # fmt: skip
                 return refused
             if self._stopping.is_set():
                 assert error is not None

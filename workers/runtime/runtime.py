@@ -122,6 +122,10 @@ class Runtime:
                     reset = False
                     self.broker_epoch += 1
                     self.broker_reset_at = time.time()
+                    # The producer's partitions are the old broker's: topics created again may
+                    # have other counts, and a record sent to a partition that is gone fails.
+                    with contextlib.suppress(bus.KafkaError, OSError, TimeoutError):
+                        await asyncio.wait_for(self.producer.client.force_metadata_update(), 5)
                     log.warning(
                         "the broker came back without its topics; recreated them (epoch %d)",
                         self.broker_epoch,
