@@ -202,10 +202,6 @@ def _stage_offsets(view: KafkaView, stage: str, topic: str) -> tuple[int, int, i
     return position, end, max(end - position, 0)
 
 
-async def _previous_samples(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record]]:
-    return await ops_reads.recent_samples(conn)
-
-
 def _progress(
     stage: StageStatus, history: list[asyncpg.Record], now: datetime, stall_seconds: float
 ) -> None:
@@ -382,7 +378,7 @@ async def _database_part(
         done = sum(1 for r in replayed if r["partition"] in spans
                    and spans[r["partition"]][0] <= r["offset"] < spans[r["partition"]][1])  # fmt: skip
         status.shunt_pending = status.shunt_total - done
-    history = await _previous_samples(conn)
+    history = await ops_reads.recent_samples(conn)
     now = datetime.now(UTC)
     for stage in status.stages:
         _progress(stage, history.get(stage.stage, []), now, stall_seconds)
