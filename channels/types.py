@@ -9,36 +9,9 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from channels.registry import CHANNEL_KINDS
 
-class ChannelKind(msgspec.Struct, frozen=True):
-    """A channel as the pipeline knows it.
-
-    `identity`: the kind of identity its senders have (`phone`, `fax`, `email`), `platform`
-    for a platform's own user ids (the identity kind is then the channel's name), None when
-    an agent types it (a walk-in). `outbound`: replies go out on it through a delivery stage;
-    a call's or a visit's answer is logged, not sent.
-    """
-
-    name: str
-    identity: str | None
-    outbound: bool = True
-
-    @property
-    def identity_kind(self) -> str | None:
-        return self.name if self.identity == "platform" else self.identity
-
-
-# Every channel, once: a new one is a line here and its adapter in `channels.registry`.
-CHANNEL_KINDS: tuple[ChannelKind, ...] = (
-    ChannelKind("email", "email"),
-    ChannelKind("sms", "phone"),
-    ChannelKind("fax", "fax"),
-    ChannelKind("facebook", "platform"),
-    ChannelKind("twitter", "platform"),
-    ChannelKind("telegram", "platform"),
-    ChannelKind("phone", "phone", outbound=False),
-    ChannelKind("walk_in", None, outbound=False),
-)
+# The channel lists, derived from `channels.registry`, where every channel is declared once.
 CHANNELS: tuple[str, ...] = tuple(k.name for k in CHANNEL_KINDS)
 OUTBOUND_CHANNELS: tuple[str, ...] = tuple(k.name for k in CHANNEL_KINDS if k.outbound)
 # Channels whose senders are the platform's user ids.

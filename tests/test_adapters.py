@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from channels import registry, twilio
+from channels import registry
 from channels.base import Adapter, Context, WebhookRequest
 from channels.blobs import DiskBlobStore
+from channels.sms import twilio
 from channels.types import RawInbound, RejectedInput
 
 FIXTURES = Path(__file__).parent / "fixtures" / "platforms"
@@ -106,9 +107,33 @@ CASES: dict[str, Case] = {
 
 
 def test_every_adapter_in_the_registry_has_a_case_and_a_unique_path() -> None:
-    assert {a.name for a in registry.ADAPTERS} == set(CASES)
-    paths = [a.path for a in registry.ADAPTERS]
+    assert {a.name for a in registry.adapters()} == set(CASES)
+    paths = [a.path for a in registry.adapters()]
     assert len(paths) == len(set(paths))
+
+
+def test_every_provider_module_holds_the_adapter_its_registry_line_names() -> None:
+    for provider in registry.PROVIDERS:
+        adapter = registry.adapter(provider.name)
+        assert (adapter.name, adapter.channel) == (provider.name, provider.channel.name)
+        assert provider.channel in registry.CHANNEL_KINDS
+    with pytest.raises(KeyError, match="carrier-pigeon"):
+        registry.adapter("carrier-pigeon")
+
+
+def test_the_channel_lists_and_console_labels_follow_from_the_registry() -> None:
+    from channels import types
+    from workers.web.console.i18n import LANGUAGES, catalog
+
+    assert types.CHANNELS == tuple(k.name for k in registry.CHANNEL_KINDS)
+    assert "telegram" in types.PLATFORM_CHANNELS and "telegram" in types.IDENTITY_KINDS
+    assert types.REPLY_CHANNEL_OF_IDENTITY["phone"] == "sms"  # the first outbound phone channel
+    assert "phone" not in types.OUTBOUND_CHANNELS
+    for lang in LANGUAGES:
+        for kind in registry.CHANNEL_KINDS:
+            assert catalog(lang)[f"channel.{kind.name}"], (lang, kind.name)
+    assert catalog("id")["channel.walk_in"] == "Datang langsung"  # a locale file translates
+    assert catalog("en")["channel.walk_in"] == "Walk-in"  # else the registry's label
 
 
 @pytest.fixture
@@ -116,7 +141,7 @@ def ctx(tmp_path: Path) -> Context:
     return Context(blobs=DiskBlobStore(tmp_path), public_url=PUBLIC)
 
 
-@pytest.mark.parametrize("adapter", registry.ADAPTERS, ids=lambda a: a.name)
+@pytest.mark.parametrize("adapter", registry.adapters(), ids=lambda a: a.name)
 async def test_an_adapter_takes_its_documented_call_and_refuses_a_forged_one(
     adapter: Adapter[Any], ctx: Context
 ) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from channels.twilio import compute_signature
+from channels.sms.twilio import compute_signature
 from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.checker import check_inbound

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from channels import facebook, kannel, telegram, twilio, twitter
+from channels.email.smtp import EmailAccount
 from channels.fax import FaxAccount
-from channels.smtp import EmailAccount
+from channels.sms import kannel, twilio
+from channels.social import facebook, telegram, twitter
 from ticketing.rules import TicketRules
 from workers.runtime.settings import ConfigError, Settings, load_channels, other_sections
 

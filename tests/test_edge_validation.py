@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from channels import facebook, kannel, telegram, twilio, twitter
-from channels.social_common import json_value
+from channels.sms import kannel, twilio
+from channels.social import facebook, telegram, twitter
+from channels.social.common import json_value
 from channels.types import (
     BIGINT_MAX,
     DeliveryReceipt,

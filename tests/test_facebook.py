@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from channels import facebook
 from channels.blobs import DiskBlobStore
+from channels.social import facebook
 from channels.types import ChannelError, OutboundReply, RejectedInput
 from tests.support.platforms import GraphServer
 from tests.support.ports import free_port

@@ -12,7 +12,7 @@ from email.policy import SMTP
 
 import pytest
 
-from channels.imap import ImapAccount, ImapError, ImapMailbox, parse_fetch, parse_search
+from channels.email.imap import ImapAccount, ImapError, ImapMailbox, parse_fetch, parse_search
 from tests.support.dovecot import DovecotServer
 from tests.support.ports import free_port
 

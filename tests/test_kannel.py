@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from channels import kannel
-from channels.kannel import KannelAccount
+from channels.sms import kannel
+from channels.sms.kannel import KannelAccount
 from channels.types import ChannelError, OutboundReply, RejectedInput, WebhookOutcome
 from tests.support.kannel import KannelGateway, kannel_available
 from tests.support.ports import free_port

@@ -13,8 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from channels.email import parse_email
-from channels.imap import ImapAccount, ImapMailbox
-from channels.smtp import EmailAccount
+from channels.email.imap import ImapAccount, ImapMailbox
+from channels.email.smtp import EmailAccount
 from channels.types import RawInbound, raw_decoder
 from tests.support import db
 from tests.support.broker import TansuBroker

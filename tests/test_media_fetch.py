@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from channels import media, telegram
+from channels import media
 from channels.blobs import DiskBlobStore
+from channels.social import telegram
 from channels.types import ChannelError
 from tests.support.platforms import GraphServer, TelegramServer
 from tests.support.ports import free_port

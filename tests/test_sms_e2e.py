@@ -22,7 +22,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from channels.twilio import compute_signature
+from channels.sms.twilio import compute_signature
 from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.kannel import KannelGateway, kannel_available

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from channels import registry
-from channels.sms import (
+from channels.sms.text import (
     GSM7_BASIC,
     GSM7_EXTENSION,
     PART_LIMIT,

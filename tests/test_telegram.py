@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from channels import telegram
 from channels.blobs import DiskBlobStore
+from channels.social import telegram
 from channels.types import ChannelError, OutboundReply, RejectedInput
 from tests.support.platforms import TelegramServer
 

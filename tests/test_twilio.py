@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from channels import twilio
-from channels.twilio import TwilioAccount
+from channels.sms import twilio
+from channels.sms.twilio import TwilioAccount
 from channels.types import ChannelError, OutboundReply, RejectedInput
 
 # The example from Twilio's "Webhooks security" documentation and its helper libraries' tests.

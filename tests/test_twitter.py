@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from channels import twitter
+from channels.social import twitter
 from channels.types import ChannelError, OutboundReply, RejectedInput
 from tests.support.platforms import XServer
 from tests.support.ports import free_port

@@ -22,8 +22,8 @@ from typing import Any
 
 from channels.blobs import DiskBlobStore
 from channels.email import parse_email
-from channels.imap import ImapAccount, ImapError, ImapMailbox
-from channels.smtp import EmailAccount
+from channels.email.imap import ImapAccount, ImapError, ImapMailbox
+from channels.email.smtp import EmailAccount
 from channels.types import RawInbound
 from ticketing import cursors, health
 from ticketing.db import is_transient

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from channels.base import Context
 from channels.blobs import DiskBlobStore
-from channels.smtp import EmailAccount
+from channels.email.smtp import EmailAccount
 from ticketing.rules import TicketRules
 from workers.pipeline import bus
 from workers.pipeline.stage import Stage

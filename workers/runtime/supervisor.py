@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from channels import registry as channel_registry
 from ticketing.db import create_pool, migrate
 from workers.pipeline import bus, registry
 from workers.pipeline.wiring import StageFactory
@@ -71,8 +71,7 @@ async def open_runtime(
         finally:
             # Only where the adapters were loaded (webhooks, delivery, pollers): a worker that
             # never needed them does not import every provider's SDK to close nothing.
-            channel_registry = sys.modules.get("channels.registry")
-            for adapter in channel_registry.ADAPTERS if channel_registry else ():
+            for adapter in channel_registry.loaded():
                 if adapter.close is None:
                     continue
                 try:

@@ -27,8 +27,9 @@ from email.utils import format_datetime, formataddr, make_msgid
 
 import asyncpg
 
-from channels import facebook, kannel, telegram, twitter
 from channels.email import parse_email
+from channels.sms import kannel
+from channels.social import facebook, telegram, twitter
 from channels.types import RawInbound, WebhookOutcome
 from ticketing import agents, procedure
 from ticketing.callers import IdentityTaken

@@ -51,7 +51,7 @@ def channel_accounts(rt: Runtime, channel: str) -> dict[str, tuple[Adapter[Any],
 
 def senders(rt: Runtime) -> dict[str, Sender]:
     found: dict[str, Sender] = {}
-    for channel in dict.fromkeys(a.channel for a in registry.ADAPTERS if a.send is not None):
+    for channel in dict.fromkeys(a.channel for a in registry.adapters() if a.send is not None):
         accounts = channel_accounts(rt, channel)
         if accounts:
             found[channel] = _by_account(channel, accounts, rt.adapter_context())
@@ -94,7 +94,7 @@ def polling_enabled(entry: dict[str, Any]) -> bool:
 
 def pollers(rt: Runtime) -> dict[str, StageFactory]:
     found: dict[str, StageFactory] = {}
-    for adapter in registry.ADAPTERS:
+    for adapter in registry.adapters():
         if adapter.poll is None:
             continue
         for entry in rt.channels.get(adapter.channel, []):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from channels.email import compose_reply
-from channels.smtp import deliver
+from channels.email.smtp import deliver
 from channels.types import ChannelError, DeliveryResult, OutboundReply
 from workers.pipeline.mailpoll import MailPoller
 from workers.pipeline.wiring import Sender, StageFactory

@@ -17,8 +17,8 @@ from aiokafka.structs import ConsumerRecord
 
 from channels.budget import fit_raw
 from channels.email import reply_subject
+from channels.email.smtp import EmailAccount, send_message
 from channels.fax import FaxAccount, fax_number, gateway_recipient, ocr_pages, render_reply_pdf
-from channels.smtp import EmailAccount, send_message
 from channels.types import (
     AttachmentRef,
     ChannelError,

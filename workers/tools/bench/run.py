@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from channels.smtp import EmailAccount
+from channels.email.smtp import EmailAccount
 from workers.ops.status import true_end_offsets
 from workers.pipeline import bus
 from workers.runtime.runtime import Runtime

@@ -6,6 +6,8 @@ import json
 from functools import cache
 from pathlib import Path
 
+from channels.registry import CHANNEL_KINDS
+
 LANGUAGES: tuple[str, ...] = ("id", "en")
 DEFAULT_LANGUAGE = "id"
 LANG_COOKIE = "lang"
@@ -14,10 +16,15 @@ _LOCALES = Path(__file__).resolve().parent / "locales"
 
 @cache
 def catalog(lang: str) -> dict[str, str]:
-    """The strings of one language; unknown languages get the default one."""
+    """The strings of one language; unknown languages get the default one.
+
+    A channel's name (`channel.<name>`) is its label in `channels.registry` unless the
+    locale file translates it, so a new channel needs no line here.
+    """
     if lang not in LANGUAGES:
         lang = DEFAULT_LANGUAGE
-    strings: dict[str, str] = json.loads((_LOCALES / f"{lang}.json").read_text(encoding="utf-8"))
+    strings: dict[str, str] = {f"channel.{k.name}": k.label for k in CHANNEL_KINDS}
+    strings.update(json.loads((_LOCALES / f"{lang}.json").read_text(encoding="utf-8")))
     return strings
 
 

@@ -11,7 +11,7 @@ import httpx
 
 from channels import media
 from channels.base import Adapter, send_without_context, webhook_with_media
-from channels.social_common import (
+from channels.social.common import (
     dropped_attachment,
     filename_from_url,
     hmac_sha256,

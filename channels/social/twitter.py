@@ -12,8 +12,8 @@ from typing import Any
 from tweepy.asynchronous import AsyncClient
 
 from channels.base import Adapter, Context, WebhookRequest, poll_with_media, send_without_context
-from channels.social_common import hmac_sha256, json_object, same_secret
-from channels.twitter_api import call, client_for
+from channels.social.common import hmac_sha256, json_object, same_secret
+from channels.social.twitter_api import call, client_for
 from channels.types import (
     AttachmentRef,
     BlobStore,

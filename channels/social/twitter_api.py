@@ -20,7 +20,7 @@ DEFAULT_RATE_LIMIT_WAIT = 60.0
 
 
 class Credentials(Protocol):
-    """What an X account gives the client (`channels.twitter.TwitterAccount`)."""
+    """What an X account gives the client (`channels.social.twitter.TwitterAccount`)."""
 
     @property
     def bearer_token(self) -> str: ...

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from channels.base import Adapter, Context, WebhookRequest
-from channels.sms import encoding_for
+from channels.sms.text import encoding_for
 from channels.types import (
     ChannelError,
     DeliveryReceipt,

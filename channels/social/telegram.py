@@ -25,7 +25,7 @@ from telegram.ext import AIORateLimiter, ExtBot
 
 from channels import media
 from channels.base import Adapter, poll_with_media, send_without_context, webhook_with_media
-from channels.social_common import (
+from channels.social.common import (
     dropped_attachment,
     json_object,
     same_secret,
