@@ -116,8 +116,8 @@ TEST_GROUPS: dict[str, tuple[str, ...]] = {
     "e2e": (
         "api_security", "bad_input", "bench", "bus", "console_browser", "demo",
         "edge_validation", "email_e2e", "email_faults", "email_realworld", "embedded", "faults",
-        "fax", "fax_e2e", "http_hardening", "idempotency", "imap", "journal", "kb_e2e",
-        "log_secrets", "login", "mailpoll_pool", "ops_e2e", "oversize", "procedure_e2e", "roles",
+        "fax", "fax_e2e", "http_hardening", "idempotency", "imap", "installation", "journal", "kb_e2e",
+        "log_secrets", "login", "mailpoll_pool", "ops_dashboard", "ops_e2e", "oversize", "procedure_e2e", "roles",
         "sms_e2e", "social_e2e", "stall", "support",
     ),
 }  # fmt: skip

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 
 from ticketing import roles
 from workers.ops.shunt import shunt_entries
-from workers.ops.status import collect_status, series
+from workers.ops.status import Status, collect_status, series
 from workers.ops.trace import trace as trace_of
 from workers.runtime.runtime import Runtime
 from workers.web.api.auth import CurrentAgent, require
@@ -23,20 +23,25 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
+async def snapshot(rt: Runtime) -> tuple[Status, dict[str, Any] | None]:
+    """What `loket status` collects, and the last hour per minute when the database answers."""
+    status = await collect_status(
+        rt.bootstrap, rt.pool, stall_seconds=rt.settings.stall_seconds,
+        sample_interval=SAMPLE_SECONDS,
+    )  # fmt: skip
+    if status.database is not None:
+        return status, None
+    async with rt.pool.acquire() as conn:
+        return status, await series(conn)
+
+
 @router.get("/summary", dependencies=[require("ops.read")])
 async def summary(request: Request, agent: CurrentAgent) -> dict[str, Any]:
     """Per-stage lag and rate, shunt count, outbox backlog, channel health, and the last hour per minute."""
-    rt = _runtime(request)
-    status = await collect_status(
-        rt.bootstrap,
-        rt.pool,
-        stall_seconds=rt.settings.stall_seconds,
-        sample_interval=SAMPLE_SECONDS,
-    )
+    status, history = await snapshot(_runtime(request))
     document = status.as_json()
-    if status.database is None:
-        async with rt.pool.acquire() as conn:
-            document["series"] = await series(conn)
+    if history is not None:
+        document["series"] = history
     return document
 
 

@@ -220,7 +220,6 @@ def render(
         request=request, t=t, lang=t.lang, languages=LANGUAGES, agent=agent,
         csrf=csrf_token(request), when=when, age=age, due=due,
         path=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
-        has_ops_summary=has_route(request, "/api/ops/summary"),
         can_report=agent is not None and roles.allows(agent["role"], "reports.read"),
         **context,
     )  # fmt: skip

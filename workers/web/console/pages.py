@@ -1,6 +1,6 @@
 """The agent console: server-rendered pages for the queue, callers and tickets, with live updates.
 
-Every page module's routes, in one router; the ops and report pages."""
+Every page module's routes, in one router; the report page."""
 
 from __future__ import annotations
 
@@ -12,21 +12,14 @@ from fastapi.responses import (
 )
 
 from ticketing import procedure
-from workers.web.console import callers, queue, session, tickets
+from workers.web.console import callers, ops, queue, session, tickets
 from workers.web.console.common import login_required, render, runtime_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 
-# --- ops and reports -----------------------------------------------------------------------
-
-
-@router.get("/ops", response_class=HTMLResponse)
-async def ops_page(request: Request) -> HTMLResponse:
-    """Ops view: shows `GET /api/ops/summary` when this installation has it."""
-    agent = await login_required(request, "ops.read")
-    return render(request, "ops.html", {}, agent=agent)
+# --- reports -----------------------------------------------------------------------
 
 
 @router.get("/reports", response_class=HTMLResponse)
@@ -39,4 +32,4 @@ async def reports_page(request: Request) -> HTMLResponse:
 
 
 # Every console route, in the order the app matches them.
-ROUTERS = (session.router, queue.router, callers.router, tickets.router, router)
+ROUTERS = (session.router, queue.router, callers.router, tickets.router, ops.router, router)

@@ -32,6 +32,7 @@ from workers.web.console.common import (
     runtime_of,
     session_agent,
 )
+from workers.web.console.ops import pipeline_alerts
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -62,15 +63,17 @@ async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLRespo
     params = dict(request.query_params)
     filters = queue_filters(params, agent["role"])
     page = max(page, 0)
-    async with runtime_of(request).pool.acquire() as conn:
+    rt = runtime_of(request)
+    async with rt.pool.acquire() as conn:
         total, tickets = await views.queue_page(conn, filters, page, agent["id"], PAGE_SIZE)
+        alerts = [] if partial else await pipeline_alerts(rt, conn)
     # The tier is always carried, even empty: "all tiers" chosen must not fall back to the role's default.
     query = {k: v for k, v in filters.items() if v or k == "tier"}
     context = {
         "filters": filters, "tickets": tickets, "total": total, "page": page,
         "pages": max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1), "query": query,
         "statuses": ("active", *STATUSES, "all"), "tiers": TIERS, "channels": CHANNELS,
-        "base_query": urllib.parse.urlencode(query),
+        "base_query": urllib.parse.urlencode(query), "alerts": alerts,
     }  # fmt: skip
     template = "_queue_table.html" if partial else "queue.html"
     return render(request, template, context, agent=agent)

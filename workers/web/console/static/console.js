@@ -68,18 +68,6 @@
     return element;
   }
 
-  function renderValue(value) {
-    if (value === null || typeof value !== "object") return text("span", String(value));
-    const table = document.createElement("table");
-    table.className = "kv";
-    Object.keys(value).forEach(function (key) {
-      const row = table.insertRow();
-      row.appendChild(text("th", key)).setAttribute("scope", "row");
-      row.insertCell().appendChild(renderValue(value[key]));
-    });
-    return table;
-  }
-
   function loadJson(panel, render) {
     fetch(panel.dataset.url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (response) { if (!response.ok) throw new Error(response.status); return response.json(); })
@@ -106,7 +94,4 @@
       return list;
     });
   }
-
-  const ops = document.getElementById("ops-summary");
-  if (ops) loadJson(ops, renderValue);
 })();
