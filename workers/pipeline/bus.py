@@ -13,6 +13,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
+    BrokerResponseError,
     CorruptRecordException,
     InvalidTopicError,
     KafkaError,
@@ -117,6 +118,37 @@ def make_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProduc
         max_request_size=MAX_RECORD_BYTES,
         request_timeout_ms=15000,
     )
+
+
+async def start_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafkaProducer:
+    """A started producer, idempotent where asked for and where the broker offers it.
+
+    A broker that refuses InitProducerId (Tansu answers UnknownError) gets a producer without
+    idempotence and one warning: a retried send may then write a record twice, which the
+    natural keys of the stages absorb. `LOKET_KAFKA_IDEMPOTENCE=false` skips the attempt.
+    """
+    producer = make_producer(bootstrap, idempotence=idempotence)
+    # aiokafka logs the refusal as an ERROR before raising it; it is expected here, and said
+    # once below in words, so the sender's log is quiet while the producer starts.
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    level = sender_log.level
+    sender_log.setLevel(logging.CRITICAL)
+    try:
+        await producer.start()
+    except BrokerResponseError as exc:
+        await producer.stop()
+        if not idempotence:
+            raise
+        log.warning(
+            "the broker at %s does not offer idempotent producers (InitProducerId: %s):"
+            " producing without; set LOKET_KAFKA_IDEMPOTENCE=false to skip this check",
+            bootstrap, type(exc).__name__,
+        )  # fmt: skip
+        producer = make_producer(bootstrap, idempotence=False)
+        await producer.start()
+    finally:
+        sender_log.setLevel(level)
+    return producer
 
 
 @dataclass

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("loket")))
     blob_dir: Path | None = None
     partitions: int = 6
-    # Idempotent producing needs InitProducerId, which the embedded Tansu broker does not
-    # offer; duplicates from producer retries are absorbed by the natural key either way.
+    # Idempotent producing needs InitProducerId, which Tansu does not offer: a broker that
+    # refuses it is used without (one warning at start, `bus.start_producer`); duplicates
+    # from producer retries are absorbed by the natural keys either way.
     kafka_idempotence: bool = True
     # Replication of the topics loket creates (3 on a production Kafka cluster).
     kafka_replication: int = 1

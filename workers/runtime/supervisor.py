@@ -48,10 +48,9 @@ async def open_runtime(
             async with pool.acquire() as conn:
                 await migrate(conn)
         await bus.ensure_topics(bootstrap, settings.partitions, settings.kafka_replication)
-        producer = bus.make_producer(
+        producer = await bus.start_producer(
             bootstrap, idempotence=settings.kafka_idempotence and broker is None
         )
-        await producer.start()
         from channels.blobs import DiskBlobStore
 
         rt = Runtime(
