@@ -12,6 +12,7 @@ import pytest
 from tests.support import db
 from tests.support.broker import TansuBroker
 from tests.support.stack import LoketStack, wait_until
+from workers.tools.demo.content import ANSWERS
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,9 @@ def test_demo_fills_a_fresh_install(fresh: LoketStack) -> None:
     fresh.start("up", "up", "--demo")
     fresh.wait_ready()
     renewed = wait_until(lambda: demo_password(fresh, offset), what="demo login printed again")
-    assert renewed != password
+    assert renewed == password  # kept in the data directory: the login a person noted still works
+    login_file = fresh.workdir / "data" / "demo-login.json"
+    assert login_file.stat().st_mode & 0o777 == 0o600
     assert "already in this database" in fresh.log_path("up").read_text()[offset:]
     assert db.fetchval(url, "SELECT count(*) FROM tickets WHERE channel = 'phone'") == calls
     assert console_login(fresh, renewed).status_code == 200
@@ -104,3 +107,53 @@ def test_no_sample_data_without_demo(stack: LoketStack, pg_url: str) -> None:
     assert db.fetchval(pg_url, "SELECT count(*) FROM tickets WHERE is_demo") == 0
     assert db.fetchval(pg_url, "SELECT count(*) FROM agents WHERE username = 'demo'") == 0
     assert "demo:" not in Path(stack.log_path("up")).read_text()
+
+
+def test_a_reply_on_every_demo_channel_is_sent_delivered_and_answered(fresh: LoketStack) -> None:
+    fresh.start("up", "up", "--demo")
+    fresh.wait_ready()
+    password = wait_until(lambda: demo_password(fresh), what="demo login printed")
+    url = fresh.database_url
+    wanted = ("email", "sms", "telegram", "facebook", "twitter", "phone")
+
+    def first_ticket_by_channel() -> dict[str, int] | None:
+        rows = db.fetch(url, "SELECT channel, min(id) AS id FROM tickets WHERE is_demo"
+                             " AND status <> 'closed' GROUP BY channel")  # fmt: skip
+        found = {r["channel"]: r["id"] for r in rows}
+        return found if set(wanted) <= set(found) else None
+
+    tickets = wait_until(first_ticket_by_channel, timeout=60, what="a demo ticket per channel")
+    with httpx.Client(base_url=fresh.url, timeout=30) as client:
+        token = client.post("/api/login", json={"username": "demo", "password": password}).json()
+        headers = {"Authorization": f"Bearer {token['token']}"}
+        replies = {}
+        for channel, ticket_id in tickets.items():
+            sent = client.post(f"/api/tickets/{ticket_id}/replies", headers=headers,
+                               json={"body": f"Sudah kami bantu lewat {channel}."})  # fmt: skip
+            assert sent.status_code == 201, (channel, sent.text)
+            replies[channel] = sent.json()["id"]
+    # A call's caller is answered on the channel of their phone number: SMS.
+    assert db.fetchval(url, "SELECT channel FROM messages WHERE id = $1", replies["phone"]) == "sms"
+
+    def statuses() -> dict[str, str]:
+        rows = db.fetch(url, "SELECT id, status FROM messages WHERE id = ANY($1::bigint[])",
+                        list(replies.values()))  # fmt: skip
+        by_id = {r["id"]: r["status"] for r in rows}
+        return {channel: by_id[mid] for channel, mid in replies.items()}
+
+    wait_until(lambda: set(statuses().values()) == {"delivered"}, timeout=60,
+               what=f"every demo reply delivered: {statuses()}")  # fmt: skip
+
+    def answered() -> bool:
+        for channel, ticket_id in tickets.items():
+            text = ANSWERS["sms" if channel == "phone" else channel]
+            times = db.fetchval(
+                url, "SELECT count(*) FROM messages WHERE ticket_id = $1 AND direction = 'in'"
+                " AND body_text LIKE $2 AND id > $3", ticket_id, f"%{text}%", replies[channel],
+            )  # fmt: skip
+            if times != 1:
+                return False
+        return True
+
+    wait_until(answered, timeout=60, what="the person's answer on the same ticket, once")
+    assert db.fetchval(url, "SELECT count(*) FROM tickets WHERE NOT is_demo") == 0

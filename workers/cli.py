@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
@@ -82,12 +84,41 @@ def _install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def refuse_second_start(settings: Settings) -> None:
+    """ConfigError when a `loket up` already runs from this data directory, or when the HTTP
+    address is taken: said before anything is started, not as a traceback after."""
+    from workers.runtime import installation
+
+    found = installation.running(settings.data_dir)
+    if found is not None:
+        raise ConfigError(
+            f"loket is already running from {settings.data_dir} (pid {found.pid},"
+            f" {found.http_url}): stop it first, or give this one another LOKET_DATA_DIR"
+        )
+    host, port = settings.host_port()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"LOKET_HTTP_ADDR {host}:{port} cannot be used ({exc.strerror}): another program"
+                " listens there; stop it, or set LOKET_HTTP_ADDR to a free address"
+            ) from None
+
+
 async def run_up(settings: Settings, demo: bool) -> None:
+    from workers.runtime import installation
     from workers.runtime.supervisor import Supervisor, all_tasks, open_runtime
 
+    refuse_second_start(settings)
     async with open_runtime(settings) as rt:
         supervisor = Supervisor()
         _install_signals(supervisor.stop)
+        if demo:
+            from workers.tools import demo as demo_tools
+
+            demo_tools.install(rt)  # before the stages: the delivery stages send to its sinks
         tasks = all_tasks(rt)
         tasks["http"] = lambda stop: _serve_http(rt, supervisor, stop)
         tasks["broker-watch"] = rt.watch_broker
@@ -101,10 +132,15 @@ async def run_up(settings: Settings, demo: bool) -> None:
             print("  note: the embedded broker keeps messages in memory; use Kafka in production")
         print(f"  stages: {', '.join(sorted(tasks))}. Press Ctrl-C to stop.")
         if demo:
-            from workers.tools.demo import run_demo
-
-            asyncio.create_task(run_demo(rt))
-        await supervisor.run(tasks)
+            asyncio.create_task(demo_tools.run_demo(rt))
+        installation.announce(settings.data_dir, installation.Installation(
+            pid=os.getpid(), database_url=rt.database_url, kafka_bootstrap=rt.bootstrap,
+            http_url=f"http://{host}:{port}/", started_at=time.time(),
+        ))  # fmt: skip
+        try:
+            await supervisor.run(tasks)
+        finally:
+            installation.withdraw(settings.data_dir, os.getpid())
     print("loket stopped")
 
 
@@ -147,9 +183,13 @@ async def run_migrate(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def database_url(settings: Settings) -> AsyncIterator[str]:
-    """The configured database, or the embedded one under the data directory."""
-    if settings.database_url:
-        yield settings.database_url
+    """The configured database, the one a running `loket up` uses, or the embedded one under
+    the data directory, started for this command (before the first `loket up`)."""
+    from workers.runtime import installation
+
+    running = installation.running(settings.data_dir)
+    if settings.database_url or running is not None:
+        yield settings.database_url or running.database_url  # type: ignore[union-attr]
         return
     from workers.runtime.embedded import EmbeddedPostgres
 
@@ -166,12 +206,16 @@ async def run_agent_add(settings: Settings, username: str, role: str, password: 
     from ticketing.db import create_pool, migrate
 
     if password is None:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "agent add: no terminal to ask for the password on; give it with --password"
+            )
         password = getpass.getpass(f"password for {username}: ")
         if password != getpass.getpass("again: "):
             raise ConfigError("the passwords differ")
     problem = agents.password_problem(password, username)
     if problem is not None:
-        raise ConfigError(problem)
+        raise ConfigError(f"agent add: {problem}")
     async with database_url(settings) as url:
         pool = await create_pool(url, max_size=1)
         try:

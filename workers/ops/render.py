@@ -13,22 +13,22 @@ import asyncpg
 from workers.ops.shunt import ShuntEntry, ShuntSelectionError, replay, select, shunt_entries
 from workers.ops.status import Status, ago, collect_status
 from workers.ops.trace import Trace, epoch_time, trace
+from workers.runtime.installation import attach
 
 log = logging.getLogger(__name__)
 
 
-def _needs(settings: Any, *, broker: bool = True, database: bool = True) -> None:
-    from workers.runtime.settings import ConfigError
+def ops_console() -> Any:
+    """A rich console at the terminal's width, or one wide enough that a pipe or a file gets
+    whole columns (rich falls back to 80 characters without a terminal)."""
+    import shutil
+    import sys
 
-    missing = [name for name, wanted, value in (
-        ("LOKET_DATABASE_URL", database, settings.database_url),
-        ("LOKET_KAFKA_BOOTSTRAP", broker, settings.kafka_bootstrap),
-    ) if wanted and not value]  # fmt: skip
-    if missing:
-        raise ConfigError(
-            f"{' and '.join(missing)} not set: this command reads a running installation's database"
-            " and broker (an embedded `loket up` keeps them to itself)"
-        )
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=max(shutil.get_terminal_size((240, 24)).columns, 240))
 
 
 @contextlib.asynccontextmanager
@@ -140,9 +140,7 @@ async def run_status(
     """`loket status`: exit 0 when healthy or only warnings, 1 on an outage."""
     import json
 
-    from rich.console import Console
-
-    _needs(settings)
+    settings = attach(settings)
     if stall_seconds is None:
         stall_seconds = float(settings.stall_seconds)
     pool, error = await _open_pool(settings.database_url)
@@ -160,7 +158,7 @@ async def run_status(
     if as_json:
         print(json.dumps(status.as_json(), ensure_ascii=False, indent=2))
     else:
-        render_status(status, Console())
+        render_status(status, ops_console())
     return status.exit_code
 
 
@@ -187,16 +185,14 @@ async def run_trace(settings: Any, ident: str, *, as_json: bool = False) -> int:
     """`loket trace ID`: exit 1 when nothing is known about the id."""
     import json
 
-    from rich.console import Console
-
-    _needs(settings)
+    settings = attach(settings)
     async with _connection(settings.database_url) as conn:
         entries = await shunt_entries(settings.kafka_bootstrap, conn)
         found = await trace(conn, ident, entries)
     if as_json:
         print(json.dumps(found.as_json(), ensure_ascii=False, indent=2))
     elif found.hops:
-        render_trace(found, Console())
+        render_trace(found, ops_console())
     if not found.hops:
         if not as_json:
             print(
@@ -264,10 +260,8 @@ async def run_dlq(
     """`loket dlq list|show|replay`."""
     import json
 
-    from rich.console import Console
-
-    _needs(settings)
-    console = Console()
+    settings = attach(settings)
+    console = ops_console()
     async with _connection(settings.database_url) as conn:
         entries = await shunt_entries(settings.kafka_bootstrap, conn)
         if command == "list":

@@ -11,7 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ticketing.procedure import OpenReport, OpenTicket
-from workers.runtime.settings import ConfigError, Settings
+from workers.ops.render import ops_console
+from workers.runtime.installation import attach
+from workers.runtime.settings import Settings
 
 
 def human(span: timedelta) -> str:
@@ -30,11 +32,16 @@ def _when(moment, zone: tzinfo) -> str:  # type: ignore[no-untyped-def]
     return moment.astimezone(zone).strftime("%d %b %H:%M") if moment else "-"
 
 
-def _table(title: str, tickets: list[OpenTicket], zone: tzinfo, *, late_column: bool) -> Table:
+def _table(
+    title: str, tickets: list[OpenTicket], zone: tzinfo, *, late_column: bool, terminal: bool
+) -> Table:
+    """One table of tickets. On a terminal long subjects fold at 48 characters; through a
+    pipe or into a file every cell stays whole, one line per ticket."""
     table = Table(title=title, title_justify="left", expand=False)
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("caller")
-    table.add_column("subject", overflow="fold", max_width=48)
+    table.add_column("caller", no_wrap=not terminal)
+    table.add_column("subject", overflow="fold", max_width=48 if terminal else None,
+                     no_wrap=not terminal)  # fmt: skip
     table.add_column("channel", no_wrap=True)
     table.add_column("age", justify="right", no_wrap=True)
     table.add_column("idle", justify="right", no_wrap=True)
@@ -73,10 +80,16 @@ def render(report: OpenReport, console: Console, *, tz: str = "Asia/Jakarta") ->
             console.print(f"  {group.tier} / {group.status}: none")
             continue
         title = f"{group.tier} / {group.status}: {len(group.tickets)}"
-        console.print(_table(title, group.tickets, zone, late_column=False))
+        console.print(
+            _table(title, group.tickets, zone, late_column=False, terminal=console.is_terminal)
+        )
     if report.stuck_pending:
         title = f"Pending at support or management past the deadline: {len(report.stuck_pending)}"
-        console.print(_table(title, report.stuck_pending, zone, late_column=True))
+        console.print(
+            _table(
+                title, report.stuck_pending, zone, late_column=True, terminal=console.is_terminal
+            )
+        )
     else:
         console.print("Pending at support or management past the deadline: none")
 
@@ -89,8 +102,7 @@ async def run_report_open(settings: Settings, *, as_json: bool = False) -> None:
     from workers.runtime.runtime import load_rules
     from workers.web.api.desk import report_model
 
-    if not settings.database_url:
-        raise ConfigError("LOKET_DATABASE_URL is not set")
+    settings = attach(settings, broker=False)
     conn = await asyncpg.connect(settings.database_url)
     try:
         report = await open_report(conn)
@@ -101,4 +113,4 @@ async def run_report_open(settings: Settings, *, as_json: bool = False) -> None:
             json.dumps(report_model(report).model_dump(mode="json"), ensure_ascii=False, indent=2)
         )
         return
-    render(report, Console(), tz=load_rules(settings).calendar.tz)
+    render(report, ops_console(), tz=load_rules(settings).calendar.tz)

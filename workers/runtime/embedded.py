@@ -48,6 +48,9 @@ class EmbeddedBroker:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Its own process group: Ctrl-C at the terminal reaches loket only, which stops
+            # the broker last, after every stage has left it (not while they still talk to it).
+            process_group=0,
         )
 
     async def start(self, wait_seconds: float = 20.0) -> str:

@@ -21,7 +21,7 @@ from ticketing.rules import TicketRules
 from workers.pipeline import bus
 from workers.pipeline.stage import Stage
 from workers.runtime.embedded import EmbeddedBroker
-from workers.runtime.settings import Settings, load_channels, other_sections
+from workers.runtime.settings import ConfigError, Settings, load_channels, other_sections
 
 log = logging.getLogger(__name__)
 StageFactory = Callable[[asyncio.Event], Awaitable[None]]
@@ -46,6 +46,9 @@ class Runtime:
     broker_reset_at: float = 0.0
     # The broker this process started (nothing configured); started again when it dies.
     embedded_broker: EmbeddedBroker | None = None
+    # `loket up --demo`: the demo accounts and the sinks that answer replies on them
+    # (workers/tools/demo/sinks.py); None otherwise.
+    demo: Any = None
     _senders: dict[str, Any] | None = field(default=None, init=False, repr=False)
     _adapter_context: Context | None = field(default=None, init=False, repr=False)
 
@@ -54,7 +57,7 @@ class Runtime:
         if self._adapter_context is None:
             self._adapter_context = Context(
                 blobs=self.blobs, max_attachment_bytes=self.settings.max_attachment_bytes,
-                public_url=self.settings.public_url, http=httpx.AsyncClient(),
+                public_url=self.settings.public_base(), http=httpx.AsyncClient(),
             )  # fmt: skip
         return self._adapter_context
 
@@ -64,6 +67,8 @@ class Runtime:
             from workers.pipeline.wiring import all_senders
 
             self._senders = all_senders(self)
+            if self.demo is not None:
+                self._senders.update(self.demo.senders(self._senders))
         return self._senders
 
     def stage_task(
@@ -143,7 +148,10 @@ class Runtime:
 
     def account_names(self) -> dict[str, list[str]]:
         """Configured account names by outbound channel, for choosing where a reply goes."""
-        return {kind: [a["name"] for a in entries] for kind, entries in self.channels.items()}
+        names = {kind: [a["name"] for a in entries] for kind, entries in self.channels.items()}
+        for kind, demo_names in (self.demo.account_names() if self.demo else {}).items():
+            names[kind] = [*names.get(kind, []), *demo_names]
+        return names
 
     def own_addresses(self) -> frozenset[str]:
         return frozenset(a.address.lower() for a in self.email_accounts.values())
@@ -154,7 +162,41 @@ def load_rules(settings: Settings) -> TicketRules:
 
 
 def load_accounts(settings: Settings) -> dict[str, list[dict[str, Any]]]:
-    return load_channels(settings.config)
+    """Every channel account of the TOML file, each parsed by its channel once to check it.
+
+    An account its provider refuses (a Kannel `inbound_secret` that is too short, a fax
+    gateway without a number) is a ConfigError naming the file, the entry and the reason,
+    before anything starts.
+    """
+    channels = load_channels(settings.config)
+    for channel, entries in channels.items():
+        for entry in entries:
+            try:
+                _parse_account(channel, entry)
+            except (ValueError, TypeError, KeyError) as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"missing or wrong {exc}"
+                if not reason.startswith("channels."):
+                    reason = f"channels.{channel} {entry.get('name')!r}: {reason}"
+                raise ConfigError(f"{settings.config}: {reason}") from None
+    return channels
+
+
+def _parse_account(channel: str, entry: dict[str, Any]) -> None:
+    from channels import registry
+
+    if channel == "email":
+        EmailAccount.from_config(entry)
+    elif channel == "fax":
+        from workers.pipeline.wiring.fax import fax_setup
+
+        fax_setup(entry)
+    elif registry.adapters(channel):
+        adapter = registry.of_entry(channel, entry)
+        if adapter is None:
+            raise ValueError(f"unknown provider {entry.get('provider')!r}")
+        adapter.account(entry)
+    else:
+        log.warning("channels.%s in the configuration is no channel loket knows; ignored", channel)
 
 
 async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:

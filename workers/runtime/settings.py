@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     metrics_addr: str | None = None
     log_level: str = "INFO"
     log_json: bool = False
-    # Where providers reach this installation (Kannel DLR callbacks, Twilio status callbacks).
-    public_url: str = "http://127.0.0.1:8080"
+    # Where providers reach this installation (Kannel DLR callbacks, Twilio status callbacks);
+    # unset: the address LOKET_HTTP_ADDR listens on (`public_base`).
+    public_url: str | None = None
     max_attachment_bytes: int = 10 * 1024 * 1024
     # Longer message text is cut at the edge; the full original is attached (channels/budget.py).
     max_text_chars: int = Field(default=64_000, ge=1_000)
@@ -91,6 +92,16 @@ class Settings(BaseSettings):
 
     def blobs_path(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
+
+    def public_base(self) -> str:
+        """LOKET_PUBLIC_URL without its trailing slash, else this server's own address
+        (127.0.0.1 when it listens on every interface)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.host_port()
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.http_addr.rpartition(":")

@@ -33,6 +33,7 @@ async def open_runtime(
     broker: EmbeddedBroker | None = None
     database_url = settings.database_url
     bootstrap = settings.kafka_bootstrap
+    channels = load_accounts(settings)  # a wrong account stops the start before anything runs
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not database_url:
@@ -60,7 +61,7 @@ async def open_runtime(
             pool=pool,
             producer=producer,
             blobs=DiskBlobStore(settings.blobs_path()),
-            channels=load_accounts(settings),
+            channels=channels,
             rules=load_rules(settings),
             started=started,
             embedded_broker=broker,

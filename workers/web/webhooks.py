@@ -87,7 +87,7 @@ def _refused(kind: str, exc: RejectedInput) -> Response:
 
 def _webhook_request(rt: Runtime, request: Request, body: bytes) -> WebhookRequest:
     # The URL as the platform called it: the public URL, then the path and query.
-    url = f"{rt.settings.public_url.rstrip('/')}{request.url.path}"
+    url = f"{rt.settings.public_base()}{request.url.path}"
     if request.url.query:
         url += f"?{request.url.query}"
     return WebhookRequest(

@@ -1,0 +1,301 @@
+"""The one-command install: ops commands find the running `loket up`, errors are one line,
+a second start is refused, Ctrl-C is quick and quiet, a hand-started broker works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import db
+from tests.support.broker import TansuBroker
+from tests.support.ports import free_port
+from tests.support.stack import wait_until
+from workers.runtime import installation
+from workers.runtime.settings import ConfigError, Settings
+
+KANNEL_SECRET = "kannel-inbound-secret-0123"
+
+
+def clean_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOKET_")}
+    return env | {"LOKET_DATA_DIR": str(data_dir), "LOKET_HTTP_ADDR": f"127.0.0.1:{port}"} | extra
+
+
+def loket(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], env=env, capture_output=True, text=True,
+        timeout=120, input=stdin if stdin is not None else "",
+    )  # fmt: skip
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit 2, one line on stderr that says what is wrong, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("loket: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    data_dir: Path
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> float:
+        """SIGINT, as Ctrl-C sends it; the seconds until every process of the group is gone."""
+        started = time.monotonic()
+        os.killpg(self.process.pid, signal.SIGINT)
+        self.process.wait(timeout=60)
+        wait_until(lambda: not _group_alive(self.process.pid), timeout=30, what="group gone")
+        return time.monotonic() - started
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_up(tmp_path: Path, name: str, **extra: str) -> Up:
+    port = free_port()
+    data_dir = tmp_path / name
+    env = clean_env(data_dir, port, **extra)
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "up"], env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    up = Up(process, env, data_dir, port, log_path)
+
+    def ready() -> bool:
+        assert process.poll() is None, up.output()
+        try:
+            return httpx.get(f"{up.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout=120, what=f"loket up ({name}) ready")
+    return up
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    up = start_up(tmp_path_factory.mktemp("embedded"), "data")
+    yield up
+    if up.process.poll() is None:
+        up.stop()
+
+
+# --- the runtime file, without processes ----------------------------------------------------
+
+
+@pytest.fixture
+def loket_like() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process whose command line names loket, as a running `loket up`'s does."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loket"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_the_runtime_file_is_private_and_names_a_live_process(
+    tmp_path: Path, loket_like: subprocess.Popen[bytes]
+) -> None:
+    found = installation.Installation(
+        pid=loket_like.pid, database_url="postgresql://u:pw@127.0.0.1:1/db",
+        kafka_bootstrap="127.0.0.1:2", http_url="http://127.0.0.1:3/", started_at=time.time(),
+    )  # fmt: skip
+    installation.announce(tmp_path, found)
+    path = installation.runtime_path(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert installation.running(tmp_path) == found
+    settings = installation.attach(Settings(data_dir=tmp_path, kafka_bootstrap="elsewhere:9092"))
+    assert settings.database_url == found.database_url
+    assert settings.kafka_bootstrap == "elsewhere:9092"  # what the environment sets wins
+
+    installation.withdraw(tmp_path, os.getpid())  # another process's stop leaves it
+    assert path.exists()
+    installation.withdraw(tmp_path, loket_like.pid)
+    assert not path.exists() and installation.running(tmp_path) is None
+
+
+def test_a_runtime_file_naming_another_program_is_no_installation(tmp_path: Path) -> None:
+    # The pid of a dead loket, reused by some other program (here: this test run).
+    installation.announce(tmp_path, installation.Installation(
+        os.getpid(), "postgresql://x", "127.0.0.1:1", "http://127.0.0.1:2/", time.time()
+    ))  # fmt: skip
+    assert installation.running(tmp_path) is None
+
+
+def test_a_runtime_file_of_a_dead_process_is_no_installation(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    installation.announce(tmp_path, installation.Installation(
+        dead.pid, "postgresql://x", "127.0.0.1:1", "http://127.0.0.1:2/", time.time()
+    ))  # fmt: skip
+    assert installation.running(tmp_path) is None
+    with pytest.raises(ConfigError, match="no running loket found in .*LOKET_DATABASE_URL"):
+        installation.attach(Settings(data_dir=tmp_path))
+
+
+def test_public_url_follows_the_http_address_unless_set() -> None:
+    assert Settings(http_addr="127.0.0.1:9123").public_base() == "http://127.0.0.1:9123"
+    assert Settings(http_addr="0.0.0.0:9124").public_base() == "http://127.0.0.1:9124"
+    assert Settings(http_addr="0.0.0.0:1", public_url="https://x.example/").public_base() == (
+        "https://x.example"
+    )
+
+
+# --- errors a person can read ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ops_commands_without_a_running_installation_say_so(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "none", free_port())
+    for args in (("status",), ("report", "open"), ("trace", "abc"), ("dlq", "list")):
+        one_line_error(loket(env, *args), "no running loket found", str(tmp_path / "none"))
+
+
+@pytest.mark.slow
+def test_a_wrong_account_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "loket.toml"
+    config.write_text(
+        '[[channels.sms]]\nname = "kannel-main"\nprovider = "kannel"\nsender = "500005"\n'
+        'sendsms_url = "http://127.0.0.1:9/cgi-bin/sendsms"\nusername = "loket"\n'
+        'password = "pw"\ninbound_secret = "short"\n'
+    )
+    env = clean_env(tmp_path / "data", free_port(), LOKET_CONFIG=str(config))
+    one_line_error(loket(env, "up"), str(config), "'kannel-main'", "inbound_secret")
+    assert not (tmp_path / "data" / "postgres").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_agent_add_refuses_a_short_password_and_a_missing_terminal(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data", free_port())
+    one_line_error(loket(env, "agent", "add", "sari", "--role", "agent", "--password", "abc"),
+                   "agent add", "at least")  # fmt: skip
+    one_line_error(loket(env, "agent", "add", "sari", "--role", "agent", stdin="secret\n"),
+                   "--password")  # fmt: skip
+
+
+# --- with a running embedded loket ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ops_commands_find_the_running_embedded_installation(embedded: Up) -> None:
+    path = installation.runtime_path(embedded.data_dir)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    status = loket(embedded.env, "status", "--json")
+    assert status.returncode in (0, 1), status.stderr
+    body = json.loads(status.stdout)
+    assert body["database"] is None and body["broker"] is None  # both reachable
+    assert {s["stage"] for s in body["stages"]} >= {"normalizer", "ticketing", "kb-suggest"}
+
+    added = loket(embedded.env, "agent", "add", "sari", "--role", "agent", "--password",
+                  "kopi-susu-pagi-1")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    login = httpx.post(f"{embedded.url}/api/login", timeout=10,
+                       json={"username": "sari", "password": "kopi-susu-pagi-1"})  # fmt: skip
+    assert login.status_code == 200
+
+    dlq = loket(embedded.env, "dlq", "list", "--json")
+    assert dlq.returncode == 0 and json.loads(dlq.stdout) == [], dlq.stderr
+    trace = loket(embedded.env, "trace", "0123456789abcdef0123456789abcdef")
+    assert trace.returncode != 2 and "no running loket" not in trace.stderr, trace.stderr
+
+
+@pytest.mark.slow
+def test_report_open_through_a_pipe_keeps_whole_columns(embedded: Up) -> None:
+    added = loket(embedded.env, "agent", "add", "budi", "--role", "manager", "--password",
+                  "teh-manis-sore-2")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    token = httpx.post(f"{embedded.url}/api/login", timeout=10,
+                       json={"username": "budi", "password": "teh-manis-sore-2"}).json()["token"]  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}"}
+    for n in range(3):
+        caller = httpx.post(f"{embedded.url}/api/callers", headers=headers, timeout=10, json={
+            "name": f"Ibu Guru Sekolah Dasar Negeri {n}", "phone": f"+62812345678{n}"})  # fmt: skip
+        assert caller.status_code == 201, caller.text
+        ticket = httpx.post(f"{embedded.url}/api/tickets", headers=headers, timeout=10, json={
+            "caller_id": caller.json()["id"], "channel": "phone",
+            "subject": f"Dana BOS sekolah belum cair triwulan ketiga nomor {n}", "body": "-",
+        })  # fmt: skip
+        assert ticket.status_code == 201, ticket.text
+    report = loket(embedded.env, "report", "open")  # stdout is a pipe here
+    assert report.returncode == 0, report.stderr
+    for n in range(3):
+        assert f"Dana BOS sekolah belum cair triwulan ketiga nomor {n}" in report.stdout, (
+            report.stdout
+        )
+        assert f"Ibu Guru Sekolah Dasar Negeri {n}" in report.stdout, report.stdout
+
+
+@pytest.mark.slow
+def test_a_second_start_is_refused_in_one_line(embedded: Up, tmp_path: Path) -> None:
+    one_line_error(loket(embedded.env, "up"), "already running", str(embedded.data_dir))
+    taken = clean_env(tmp_path / "other", embedded.port)
+    one_line_error(loket(taken, "up"), f"127.0.0.1:{embedded.port}", "LOKET_HTTP_ADDR")
+    assert not (tmp_path / "other" / "postgres").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_quickly_and_quietly(embedded: Up) -> None:
+    seconds = embedded.stop()
+    output = embedded.output()
+    assert embedded.process.returncode == 0, output
+    assert seconds < 3.0, (seconds, output)
+    assert " ERROR " not in output and "Traceback" not in output, output
+    assert "loket stopped" in output
+    assert not installation.runtime_path(embedded.data_dir).exists()
+    one_line_error(loket(embedded.env, "status"), "no running loket found")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("idempotence", ["true", "false"])
+def test_a_broker_the_user_started_needs_no_idempotence_setting(
+    tmp_path: Path, idempotence: str
+) -> None:
+    broker = TansuBroker.start(log_dir=tmp_path)
+    url = db.create_database()
+    try:
+        up = start_up(tmp_path, "data", LOKET_KAFKA_BOOTSTRAP=broker.bootstrap,
+                      LOKET_DATABASE_URL=url, LOKET_KAFKA_IDEMPOTENCE=idempotence)  # fmt: skip
+        up.stop()
+    finally:
+        broker.stop()
+        db.drop_database(url)
+    output = up.output()
+    assert up.process.returncode == 0, output
+    warned = [line for line in output.splitlines() if "idempotent producers" in line]
+    assert len(warned) == (1 if idempotence == "true" else 0), output
+    assert "Traceback" not in output and "UnknownError" not in output.replace(
+        "InitProducerId: UnknownError", ""
+    ), output
