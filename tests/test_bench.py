@@ -229,3 +229,20 @@ async def test_batched_ticketing_decides_like_one_at_a_time(pg_url: str) -> None
                 assert await apply_matched_batch(conn, batch, rules) == [None] * len(batch)
     finally:
         await pool.close()
+
+
+def test_bench_idle_measures_an_embedded_loket_up_and_its_floor(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOKET_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "bench", "--idle", "3", "--json"],
+        env=env | {"TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert set(result["cpu_percent"]) == {"loket", "broker", "postgres"}
+    assert result["cpu_percent"]["loket"] > 0 and result["floor_cpu_percent_bare_broker"] >= 0
+    assert len(result["first_message_seconds"]) == 3
+    assert all(0 < seconds < 30 for seconds in result["first_message_seconds"])
+    assert result["floor_first_message_median_seconds"] > 0
+    assert result["stopped_cleanly"] is True
+    assert not list(tmp_path.glob("loket-idle-*"))  # its data directory is gone with it

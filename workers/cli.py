@@ -367,11 +367,28 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     bench.add_argument(
         "--bootstrap", help="a Kafka broker kept for benchmarking (default: start an embedded one)"
     )
+    bench.add_argument(
+        "--idle",
+        type=float,
+        metavar="SECONDS",
+        help="instead: the CPU an idle embedded `loket up` uses over SECONDS, how fast the"
+        " first message after a quiet spell is stored, and how fast Ctrl-C stops it",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_bench_command(settings: Settings, args: argparse.Namespace) -> None:
-    from workers.tools.bench import BenchOptions, format_text, run_bench
+    from workers.tools.bench import BenchError, BenchOptions, format_text, run_bench
+
+    if args.idle is not None:
+        from workers.tools.bench.idle import format_idle, run_idle
+
+        try:
+            idle = asyncio.run(run_idle(args.idle))
+        except BenchError as exc:
+            raise SystemExit(f"loket bench: {exc}") from None
+        print(json.dumps(idle) if args.json else format_idle(idle))
+        return
 
     options = BenchOptions(
         messages=args.messages, callers=args.callers, size=args.size, rate=args.rate,

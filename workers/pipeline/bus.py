@@ -39,6 +39,16 @@ SHUNT = "loket.shunt"
 
 # How long the broker may hold a fetch that finds nothing new (the latency of an idle hop).
 FETCH_MAX_WAIT_MS = 50
+# A stage that read nothing for IDLE_AFTER_SECONDS lets the broker hold its empty fetches
+# longer, so an idle help desk costs next to no CPU: the stages a new message passes on its
+# way to a ticket (normalizer, ticketing) LIVE_IDLE_FETCH_MAX_WAIT_MS, so the first message
+# after a quiet spell is stored within a second; the delivery stages REPLY_IDLE_FETCH_MAX_WAIT_MS
+# (an agent's reply after a quiet spell); the rest (receipts, suggestions, OCR)
+# IDLE_FETCH_MAX_WAIT_MS. The first record read brings a stage back to FETCH_MAX_WAIT_MS.
+LIVE_IDLE_FETCH_MAX_WAIT_MS = 1000
+REPLY_IDLE_FETCH_MAX_WAIT_MS = 3000
+IDLE_FETCH_MAX_WAIT_MS = 10000
+IDLE_AFTER_SECONDS = 5.0
 # The largest record loket writes: Kafka's default limit (message.max.bytes, about 1 MiB).
 MAX_RECORD_BYTES = 1024 * 1024
 # A shunt record carries the failed record's payload; past this size the payload is cut.

@@ -53,6 +53,9 @@ class Consumer:
     topic: str
     handler: HandlerFactory
     batch_size: int = 500
+    # How long the broker may hold an empty fetch when the stage is idle (`bus`): short for
+    # the stages a new message or a reply passes, long for the others.
+    idle_fetch_wait_ms: int = bus.IDLE_FETCH_MAX_WAIT_MS
 
     @property
     def group(self) -> str:
@@ -74,8 +77,8 @@ class Worker:
             handler = consumer.handler(rt)
             if handler is not None:
                 found[consumer.name] = rt.stage_task(
-                    consumer.name, [consumer.topic], handler,
-                    group_id=consumer.group, batch_size=consumer.batch_size,
+                    consumer.name, [consumer.topic], handler, group_id=consumer.group,
+                    batch_size=consumer.batch_size, idle_fetch_wait_ms=consumer.idle_fetch_wait_ms,
                 )  # fmt: skip
         if self.tasks is not None:
             found.update(self.tasks(rt))
@@ -83,13 +86,16 @@ class Worker:
 
 
 WORKERS: tuple[Worker, ...] = (
-    Worker("normalizer", (Consumer("normalizer", bus.RAW, _lazy("workers.pipeline.stages:normalizer_handler")),)),
-    Worker("ticketing", (Consumer("ticketing", bus.MATCHED, _lazy("workers.pipeline.stages:ticketing_handler")),)),
+    Worker("normalizer", (Consumer("normalizer", bus.RAW, _lazy("workers.pipeline.stages:normalizer_handler"),
+                                   idle_fetch_wait_ms=bus.LIVE_IDLE_FETCH_MAX_WAIT_MS),)),
+    Worker("ticketing", (Consumer("ticketing", bus.MATCHED, _lazy("workers.pipeline.stages:ticketing_handler"),
+                                  idle_fetch_wait_ms=bus.LIVE_IDLE_FETCH_MAX_WAIT_MS),)),
     Worker("receipts", (Consumer("receipts", bus.RECEIPTS, _lazy("workers.pipeline.stages:receipts_handler")),)),
     Worker("relay", tasks=_lazy("workers.pipeline.relay:relay_tasks")),
     Worker("delivery", tuple(
         Consumer(f"delivery-{channel}", outbound_topic(channel),
-                 _lazy("workers.pipeline.stages:delivery_handler_for", channel))
+                 _lazy("workers.pipeline.stages:delivery_handler_for", channel),
+                 idle_fetch_wait_ms=bus.REPLY_IDLE_FETCH_MAX_WAIT_MS)
         for channel in OUTBOUND_CHANNELS
     )),
     Worker("pollers", tasks=_lazy("workers.pipeline.wiring:all_pollers")),

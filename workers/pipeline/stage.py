@@ -26,6 +26,8 @@ from aiokafka.structs import ConsumerRecord
 from ticketing.db import is_transient
 from workers.pipeline.bus import (
     FETCH_MAX_WAIT_MS,
+    IDLE_AFTER_SECONDS,
+    IDLE_FETCH_MAX_WAIT_MS,
     SHUNT,
     BatchHandler,
     PoisonMessage,
@@ -51,6 +53,18 @@ log = logging.getLogger(__name__)
 ASSIGN_TIMEOUT = 10.0
 # How long a stage waits for its consumer to close before it goes on without it.
 CLOSE_TIMEOUT = 15.0
+
+
+def _fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> None:
+    """How long the broker may hold this consumer's next empty fetch.
+
+    aiokafka reads `fetch_max_wait_ms` from its fetcher for each request and offers no setter;
+    a consumer without that attribute (another version, the in-memory one of the fast tests)
+    keeps the wait it was made with.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+        fetcher._fetch_max_wait_ms = wait_ms
 
 
 class _StartNewPartitionsAtZero(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -121,6 +135,8 @@ class Stage:
     # The broker's reset count (see Runtime.watch_broker): when it changes, this consumer's
     # positions belong to a broker that no longer exists, so the stage ends and is restarted.
     epoch: Callable[[], int] | None = None
+    # How long the broker may hold an empty fetch once the stage has been idle a while.
+    idle_fetch_wait_ms: int = IDLE_FETCH_MAX_WAIT_MS
     # Makes the consumer instead of the broker's own (an in-memory one in fast tests).
     consumer: Callable[[], AIOKafkaConsumer] | None = None
     _consumer: AIOKafkaConsumer | None = field(default=None, init=False)
@@ -142,6 +158,7 @@ class Stage:
         self._started_epoch = self.epoch() if self.epoch else 0
         # Beside the loop, so a batch that never ends (a blocked handler) is seen as a stall.
         watching = asyncio.create_task(self._watch_progress(consumer))
+        last_read = time.monotonic()
         try:
             while not self._stopping.is_set():
                 if self._must_restart():
@@ -150,6 +167,11 @@ class Stage:
                 if self._must_restart():
                     return  # what was read may come from positions that were never checked
                 ready = {tp: records for tp, records in batches.items() if records}
+                now = time.monotonic()
+                if ready:
+                    last_read = now
+                idle = now - last_read > IDLE_AFTER_SECONDS
+                _fetch_wait(consumer, self.idle_fetch_wait_ms if idle else FETCH_MAX_WAIT_MS)
                 if ready:
                     # All partitions of one poll in one batch: one transaction, not one each.
                     await self._process(consumer, ready)
@@ -174,7 +196,8 @@ class Stage:
             max_poll_records=self.batch_size,
             # Short, so a restarted member rejoins fast: heartbeats run beside the batch work.
             session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
+            # A third of the session: the ratio Kafka advises, and half the requests of 1 s.
+            heartbeat_interval_ms=2000,
             max_poll_interval_ms=600000,
             # A broker that holds an empty fetch for the whole wait delays every hop by it.
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,

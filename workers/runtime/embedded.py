@@ -80,13 +80,17 @@ class EmbeddedBroker:
         self.stop()
         return await self.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.5) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds. Tansu lets fetches that clients left
+        mid-wait run out before it exits (seconds when idle); in memory it has nothing to
+        save, and loket stops it only after every client of its own has closed."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(5)
+                self.process.wait(grace)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait(5)
 
 
 class EmbeddedPostgres:

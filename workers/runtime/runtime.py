@@ -24,6 +24,8 @@ from workers.runtime.embedded import EmbeddedBroker
 from workers.runtime.settings import ConfigError, Settings, load_channels, other_sections
 
 log = logging.getLogger(__name__)
+# How often the topics of the embedded broker are looked at while its process runs.
+EMBEDDED_LOOK_SECONDS = 15.0
 StageFactory = Callable[[asyncio.Event], Awaitable[None]]
 
 
@@ -79,6 +81,7 @@ class Runtime:
         *,
         group_id: str | None = None,
         batch_size: int = 500,
+        idle_fetch_wait_ms: int = bus.IDLE_FETCH_MAX_WAIT_MS,
     ) -> StageFactory:
         """A supervised consumer-group stage running `handler` over `topics`."""
 
@@ -88,6 +91,7 @@ class Runtime:
                 producer=self.producer, max_attempts=self.settings.max_attempts,
                 batch_size=batch_size, group_id=group_id, partitions=self.settings.partitions,
                 replication=self.settings.kafka_replication, epoch=lambda: self.broker_epoch,
+                idle_fetch_wait_ms=idle_fetch_wait_ms,
             )  # fmt: skip
             watcher = asyncio.create_task(_stop_when(stop, stage.stop))
             try:
@@ -108,6 +112,7 @@ class Runtime:
         that died is started again here, and that is a reset whatever the marker says.
         """
         reset = False
+        last_look = time.monotonic()
         while not stop.is_set():
             try:
                 broker = self.embedded_broker
@@ -117,6 +122,15 @@ class Runtime:
                     self.broker_epoch += 1
                     await broker.restart()
                     reset = True
+                # A broker elsewhere may restart unseen: its topics are looked at every second.
+                # The embedded one loses them only when its process dies, seen above; it is
+                # looked at now and then all the same, so an idle process asks it little.
+                if not (
+                    reset or broker is None or time.monotonic() - last_look > EMBEDDED_LOOK_SECONDS
+                ):
+                    await _pause(stop, 1.0)
+                    continue
+                last_look = time.monotonic()
                 metadata = await asyncio.wait_for(
                     self.producer.client.fetch_all_metadata(), timeout=5
                 )
@@ -139,8 +153,7 @@ class Runtime:
                 log.debug("broker watch: %s", exc)
             except RuntimeError as exc:  # the embedded broker did not come up: try again
                 log.error("broker watch: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            await _pause(stop, 1.0)
 
     @property
     def email_accounts(self) -> dict[str, EmailAccount]:
@@ -197,6 +210,11 @@ def _parse_account(channel: str, entry: dict[str, Any]) -> None:
         adapter.account(entry)
     else:
         log.warning("channels.%s in the configuration is no channel loket knows; ignored", channel)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _stop_when(stop: asyncio.Event, action: Callable[[], None]) -> None:
