@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import db
 from tests.support.broker import TansuBroker
+from tests.support.embedded import Up, database_url, start_up
 from tests.support.stack import LoketStack, wait_until
 from workers.tools.demo.content import ANSWERS
 
@@ -109,11 +110,20 @@ def test_no_sample_data_without_demo(stack: LoketStack, pg_url: str) -> None:
     assert "demo:" not in Path(stack.log_path("up")).read_text()
 
 
-def test_a_reply_on_every_demo_channel_is_sent_delivered_and_answered(fresh: LoketStack) -> None:
-    fresh.start("up", "up", "--demo")
-    fresh.wait_ready()
-    password = wait_until(lambda: demo_password(fresh), what="demo login printed")
-    url = fresh.database_url
+def test_a_reply_on_every_demo_channel_is_sent_delivered_and_answered(tmp_path: Path) -> None:
+    """On the embedded defaults, as `loket up --demo` runs on a new machine."""
+    up = start_up(tmp_path, "data", "--demo")
+    try:
+        answered_on_every_channel(up)
+    finally:
+        up.stop()
+
+
+def answered_on_every_channel(up: Up) -> None:
+    found = wait_until(lambda: re.search(r"as 'demo' with password '([^']+)'", up.output()),
+                       what="demo login printed")  # fmt: skip
+    password = found.group(1)
+    url = database_url(up)
     wanted = ("email", "sms", "telegram", "facebook", "twitter", "phone")
 
     def first_ticket_by_channel() -> dict[str, int] | None:
@@ -123,7 +133,7 @@ def test_a_reply_on_every_demo_channel_is_sent_delivered_and_answered(fresh: Lok
         return found if set(wanted) <= set(found) else None
 
     tickets = wait_until(first_ticket_by_channel, timeout=60, what="a demo ticket per channel")
-    with httpx.Client(base_url=fresh.url, timeout=30) as client:
+    with httpx.Client(base_url=up.url, timeout=30) as client:
         token = client.post("/api/login", json={"username": "demo", "password": password}).json()
         headers = {"Authorization": f"Bearer {token['token']}"}
         replies = {}

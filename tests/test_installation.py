@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,26 +17,12 @@ import pytest
 
 from tests.support import db
 from tests.support.broker import TansuBroker
+from tests.support.embedded import Up, clean_env, loket, start_up
 from tests.support.ports import free_port
-from tests.support.stack import wait_until
 from workers.runtime import installation
 from workers.runtime.settings import ConfigError, Settings
 
 KANNEL_SECRET = "kannel-inbound-secret-0123"
-
-
-def clean_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOKET_")}
-    return env | {"LOKET_DATA_DIR": str(data_dir), "LOKET_HTTP_ADDR": f"127.0.0.1:{port}"} | extra
-
-
-def loket(
-    env: dict[str, str], *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], env=env, capture_output=True, text=True,
-        timeout=120, input=stdin if stdin is not None else "",
-    )  # fmt: skip
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -49,61 +33,6 @@ def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> Non
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
-
-
-@dataclass
-class Up:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    data_dir: Path
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> float:
-        """SIGINT, as Ctrl-C sends it; the seconds until every process of the group is gone."""
-        started = time.monotonic()
-        os.killpg(self.process.pid, signal.SIGINT)
-        self.process.wait(timeout=60)
-        wait_until(lambda: not _group_alive(self.process.pid), timeout=30, what="group gone")
-        return time.monotonic() - started
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def start_up(tmp_path: Path, name: str, **extra: str) -> Up:
-    port = free_port()
-    data_dir = tmp_path / name
-    env = clean_env(data_dir, port, **extra)
-    log_path = tmp_path / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "up"], env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    up = Up(process, env, data_dir, port, log_path)
-
-    def ready() -> bool:
-        assert process.poll() is None, up.output()
-        try:
-            return httpx.get(f"{up.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout=120, what=f"loket up ({name}) ready")
-    return up
 
 
 @pytest.fixture(scope="module")

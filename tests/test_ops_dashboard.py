@@ -1,5 +1,5 @@
-"""The live ops dashboard and the queue's outage banner, in headless Chromium against a running
-loket whose e-mail account cannot reach its mail server."""
+"""The live ops dashboard and the queue's outage banner, in headless Chromium against an
+embedded `loket up` whose e-mail account cannot reach its mail server."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.support import db
-from tests.support.broker import TansuBroker
+from tests.support.embedded import Up, add_agent, database_url, start_up
 from tests.support.ports import free_port
-from tests.support.stack import LoketStack, wait_until
+from tests.support.stack import wait_until
 from tests.test_console_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
@@ -22,12 +22,12 @@ PASSWORD = "rahasia-ops-321"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoketStack]:
-    """loket up with one e-mail account whose IMAP server does not answer (a closed port)."""
-    url = db.create_database("loket_opsboard")
-    broker = TansuBroker.start(log_dir=tmp_path_factory.mktemp("opsboard-tansu"))
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """An embedded `loket up` with one e-mail account whose IMAP server does not answer."""
+    workdir = tmp_path_factory.mktemp("opsboard")
     dead = free_port()
-    config = f"""
+    config = workdir / "loket.toml"
+    config.write_text(f"""
 [[channels.email]]
 name = "helpdesk"
 address = "helpdesk@helpdesk.example.org"
@@ -39,19 +39,15 @@ imap_tls = "none"
 smtp_host = "127.0.0.1"
 smtp_port = {dead}
 smtp_tls = "none"
-"""
-    running = LoketStack(database_url=url, bootstrap=broker.bootstrap, config_text=config,
-                         workdir=tmp_path_factory.mktemp("opsboard"),
-                         extra_env={"LOKET_IMAP_POLL_SECONDS": "1"})  # fmt: skip
+""")
+    running = start_up(workdir, "data", LOKET_CONFIG=str(config), LOKET_IMAP_POLL_SECONDS="1")
     try:
-        running.up()
+        url = database_url(running)
         down = "SELECT count(*) FROM channel_health WHERE state = 'down' AND account = 'helpdesk'"
         wait_until(lambda: db.fetchval(url, down) == 1, timeout=60, what="e-mail account down")
         yield running
     finally:
         running.stop()
-        broker.stop()
-        db.drop_database(url)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +58,11 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-def login(browser: Browser, stack: LoketStack, role: str) -> Page:
+def login(browser: Browser, up: Up, role: str) -> Page:
     username = f"{role}-{uuid.uuid4().hex[:8]}"
-    stack.add_agent(username, role, PASSWORD)
+    add_agent(up, username, role, PASSWORD)
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.goto(f"{stack.url}/login")
+    page.goto(f"{up.url}/login")
     page.fill("#username", username)
     page.fill("#password", PASSWORD)
     page.click("form[action='/login'] button")
@@ -74,8 +70,8 @@ def login(browser: Browser, stack: LoketStack, role: str) -> Page:
     return page
 
 
-def test_the_queue_says_when_a_channel_is_down(browser: Browser, stack: LoketStack) -> None:
-    page = login(browser, stack, "agent")
+def test_the_queue_says_when_a_channel_is_down(browser: Browser, up: Up) -> None:
+    page = login(browser, up, "agent")
     banner = page.locator("#pipeline-alerts")
     expect(banner).to_be_visible()
     expect(banner).to_contain_text("E-mail helpdesk mati")
@@ -85,10 +81,10 @@ def test_the_queue_says_when_a_channel_is_down(browser: Browser, stack: LoketSta
 
 
 def test_the_dashboard_shows_the_pipeline_live_in_both_languages(
-    browser: Browser, stack: LoketStack, artifacts: Path
+    browser: Browser, up: Up, artifacts: Path
 ) -> None:
-    page = login(browser, stack, "manager")
-    page.goto(f"{stack.url}/ops")
+    page = login(browser, up, "manager")
+    page.goto(f"{up.url}/ops")
     board = page.locator("#ops-board")
     expect(board.locator("h2#ops-flow")).to_have_text("Alur pesan")
     # The broker and the database are named with their state, not as nulls.
@@ -117,9 +113,7 @@ def test_the_dashboard_shows_the_pipeline_live_in_both_languages(
     page.screenshot(path=artifacts / "console-ops-board-en.png", full_page=True)
 
 
-def test_an_agent_without_the_shunt_role_cannot_list_it(
-    browser: Browser, stack: LoketStack
-) -> None:
-    page = login(browser, stack, "agent")
-    response = page.goto(f"{stack.url}/ops/shunt")
+def test_an_agent_without_the_shunt_role_cannot_list_it(browser: Browser, up: Up) -> None:
+    page = login(browser, up, "agent")
+    response = page.goto(f"{up.url}/ops/shunt")
     assert response is not None and response.status == 403
