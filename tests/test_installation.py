@@ -3,11 +3,13 @@ a second start is refused, Ctrl-C is quick and quiet, a hand-started broker work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 from tests.support import db
 from tests.support.broker import TansuBroker
-from tests.support.embedded import Up, clean_env, loket, start_up
+from tests.support.embedded import Up, add_agent, clean_env, loket, start_up
 from tests.support.ports import free_port
 from workers.runtime import installation
 from workers.runtime.settings import ConfigError, Settings
@@ -197,7 +199,28 @@ def test_a_second_start_is_refused_in_one_line(embedded: Up, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_quickly_and_quietly(embedded: Up) -> None:
+    # A console is open with live updates: their consumer must be closed before the broker.
+    add_agent(embedded, "wati", "agent", "bakso-malang-3x")
+    token = httpx.post(f"{embedded.url}/api/login", timeout=10,
+                       json={"username": "wati", "password": "bakso-malang-3x"}).json()["token"]  # fmt: skip
+    ready = threading.Event()
+
+    def listen() -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream(
+                "GET", f"{embedded.url}/events/stream", cookies={"loket_session": token}, timeout=30
+            ) as events,
+        ):
+            for line in events.iter_lines():
+                if line.startswith("event: ready"):
+                    ready.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(20), "the live update stream did not start"
     seconds = embedded.stop()
+    listener.join(10)
     output = embedded.output()
     assert embedded.process.returncode == 0, output
     assert seconds < 3.0, (seconds, output)

@@ -73,6 +73,11 @@ async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ign
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     serving = asyncio.create_task(server.serve())
     await stop.wait()
+    # The consoles' live updates: their streams end (so the server need not wait for them)
+    # and their consumer closes while the broker is still up.
+    fanout = getattr(app.state, "console_events", None)
+    if fanout is not None:
+        await fanout.close()
     server.should_exit = True
     await serving
 

@@ -35,6 +35,8 @@ def server_config(
     }
     defaults: dict[str, Any] = {
         "log_config": None, "log_level": "warning", "access_log": False, "lifespan": "off",
+        # At stop, requests still running get this long before they are cut (Ctrl-C < 3 s).
+        "timeout_graceful_shutdown": 1.5,
     }  # fmt: skip
     return uvicorn.Config(
         QuietDisconnects(app),

@@ -82,6 +82,10 @@ async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLRespo
 # --- live updates --------------------------------------------------------------------------
 
 
+# Put on every console's queue at shutdown: the stream ends.
+CLOSING = b"".join([b"closing"])  # its own object: `is` tells it from any event
+
+
 class EventFanout:
     """One Kafka consumer per process on `loket.events`, without a group, from the end,
     handing every event to each connected console."""
@@ -92,11 +96,14 @@ class EventFanout:
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.idle_since = time.monotonic()
+        self.closed = False
 
     def subscribe(self) -> asyncio.Queue[bytes]:
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=200)
         self.clients.add(queue)
-        if self.task is None or self.task.done():
+        if self.closed:
+            queue.put_nowait(CLOSING)
+        elif self.task is None or self.task.done():
             self.ready.clear()
             self.task = asyncio.create_task(self._run())
         return queue
@@ -105,6 +112,18 @@ class EventFanout:
         self.clients.discard(queue)
         if not self.clients:
             self.idle_since = time.monotonic()
+
+    async def close(self) -> None:
+        """At shutdown, before the broker goes: end every console's stream (the browser
+        reconnects to whichever loket answers next) and stop the consumer."""
+        self.closed = True
+        for queue in list(self.clients):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(CLOSING)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
     def _idle(self) -> bool:
         return not self.clients and time.monotonic() - self.idle_since > FANOUT_IDLE_SECONDS
@@ -188,6 +207,8 @@ async def event_stream(request: Request) -> StreamingResponse:
                 except TimeoutError:
                     yield b": keepalive\n\n"
                     continue
+                if value is CLOSING:
+                    return
                 yield _sse("message", _event_summary(value))
         finally:
             fanout.unsubscribe(queue)
