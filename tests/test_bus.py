@@ -223,3 +223,25 @@ async def test_a_broker_lost_while_a_member_learns_its_positions_does_not_hold_t
     assert epoch[0] == 1  # the broker did die during the assignment
     assert got == []
     assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+
+
+@pytest.mark.slow
+async def test_an_idle_stage_lets_the_broker_hold_its_fetches_longer(
+    session_broker: TansuBroker,
+) -> None:
+    """The idle wait is set where aiokafka reads it for each fetch, on a started consumer; a
+    record read brings it back to the short wait (a renamed attribute would fail here)."""
+    from workers.pipeline.stage import _fetch_wait
+
+    topic = f"idle-wait-{time.monotonic_ns()}"
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=session_broker.bootstrap,
+                                fetch_max_wait_ms=bus.FETCH_MAX_WAIT_MS)  # fmt: skip
+    await consumer.start()
+    try:
+        _fetch_wait(consumer, bus.LIVE_IDLE_FETCH_MAX_WAIT_MS)
+        assert consumer._fetcher._fetch_max_wait_ms == bus.LIVE_IDLE_FETCH_MAX_WAIT_MS
+        _fetch_wait(consumer, bus.FETCH_MAX_WAIT_MS)
+        assert consumer._fetcher._fetch_max_wait_ms == bus.FETCH_MAX_WAIT_MS
+    finally:
+        await consumer.stop()
+    assert bus.IDLE_FETCH_MAX_WAIT_MS / 1000 < ASSIGN_TIMEOUT  # a held fetch delays a rebalance

@@ -48,53 +48,76 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 # --- the runtime file, without processes ----------------------------------------------------
 
 
+HOLDER = (
+    "import sys, time; from pathlib import Path; from workers.runtime import installation;"
+    " lock = installation.hold(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+)
+
+
 @pytest.fixture
-def loket_like() -> Iterator[subprocess.Popen[bytes]]:
-    """A live process whose command line names loket, as a running `loket up`'s does."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loket"])
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the data directory's lock, as a running `loket up` does."""
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline().strip() == "held"
     yield process
     process.kill()
     process.wait()
 
 
-def test_the_runtime_file_is_private_and_names_a_live_process(
-    tmp_path: Path, loket_like: subprocess.Popen[bytes]
-) -> None:
+def announced(data_dir: Path, pid: int, database_url: str = "postgresql://u:pw@127.0.0.1:1/db"):  # type: ignore[no-untyped-def]
     found = installation.Installation(
-        pid=loket_like.pid, database_url="postgresql://u:pw@127.0.0.1:1/db",
-        kafka_bootstrap="127.0.0.1:2", http_url="http://127.0.0.1:3/", started_at=time.time(),
+        pid=pid, database_url=database_url, kafka_bootstrap="127.0.0.1:2",
+        http_url="http://127.0.0.1:3/", started_at=time.time(),
     )  # fmt: skip
-    installation.announce(tmp_path, found)
+    installation.announce(data_dir, found)
+    return found
+
+
+def test_the_runtime_file_is_private_and_found_while_its_lock_is_held(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    found = announced(tmp_path, holder.pid)
     path = installation.runtime_path(tmp_path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert installation.running(tmp_path) == found
-    settings = installation.attach(Settings(data_dir=tmp_path, kafka_bootstrap="elsewhere:9092"))
-    assert settings.database_url == found.database_url
-    assert settings.kafka_bootstrap == "elsewhere:9092"  # what the environment sets wins
-
-    installation.withdraw(tmp_path, os.getpid())  # another process's stop leaves it
-    assert path.exists()
-    installation.withdraw(tmp_path, loket_like.pid)
-    assert not path.exists() and installation.running(tmp_path) is None
-
-
-def test_a_runtime_file_naming_another_program_is_no_installation(tmp_path: Path) -> None:
-    # The pid of a dead loket, reused by some other program (here: this test run).
-    installation.announce(tmp_path, installation.Installation(
-        os.getpid(), "postgresql://x", "127.0.0.1:1", "http://127.0.0.1:2/", time.time()
-    ))  # fmt: skip
-    assert installation.running(tmp_path) is None
+    settings = installation.attach(Settings(data_dir=tmp_path))
+    assert (settings.database_url, settings.kafka_bootstrap) == (
+        "postgresql://u:pw@127.0.0.1:1/db",
+        "127.0.0.1:2",
+    )
+    # What the environment sets must be the running installation's own: never mixed.
+    with pytest.raises(ConfigError, match="LOKET_KAFKA_BOOTSTRAP is not what the loket up"):
+        installation.attach(Settings(data_dir=tmp_path, kafka_bootstrap="elsewhere:9092"))
+    same = installation.attach(Settings(data_dir=tmp_path, kafka_bootstrap="127.0.0.1:2"))
+    assert same.database_url == found.database_url
+    with pytest.raises(ConfigError, match="already running from"):
+        installation.hold(tmp_path)
 
 
-def test_a_runtime_file_of_a_dead_process_is_no_installation(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    installation.announce(tmp_path, installation.Installation(
-        dead.pid, "postgresql://x", "127.0.0.1:1", "http://127.0.0.1:2/", time.time()
-    ))  # fmt: skip
+def test_a_database_loket_was_given_is_not_written_down(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    announced(tmp_path, holder.pid, database_url="")
+    with pytest.raises(ConfigError, match="was given its LOKET_DATABASE_URL"):
+        installation.attach(Settings(data_dir=tmp_path))
+    assert installation.attach(Settings(data_dir=tmp_path), database=False).kafka_bootstrap
+
+
+def test_a_runtime_file_nobody_holds_the_lock_for_is_no_installation(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    # Its loket was killed (-9, a power cut, a container stopped hard): the kernel let go of
+    # the lock, whatever process now has that pid.
+    announced(tmp_path, os.getpid())
+    holder.kill()
+    holder.wait()
     assert installation.running(tmp_path) is None
     with pytest.raises(ConfigError, match="no running loket found in .*LOKET_DATABASE_URL"):
         installation.attach(Settings(data_dir=tmp_path))
+    installation.hold(tmp_path).close()  # a new loket up may start
+    installation.withdraw(tmp_path)
+    assert not installation.runtime_path(tmp_path).exists()
 
 
 def test_public_url_follows_the_http_address_unless_set() -> None:
@@ -126,6 +149,19 @@ def test_a_wrong_account_stops_the_start_with_one_line(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "data", free_port(), LOKET_CONFIG=str(config))
     one_line_error(loket(env, "up"), str(config), "'kannel-main'", "inbound_secret")
     assert not (tmp_path / "data" / "postgres").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_the_demo_refuses_a_configuration_with_outbound_accounts(tmp_path: Path) -> None:
+    config = tmp_path / "loket.toml"
+    config.write_text(
+        '[[channels.sms]]\nname = "kannel-main"\nprovider = "kannel"\nsender = "500005"\n'
+        'sendsms_url = "http://127.0.0.1:9/cgi-bin/sendsms"\nusername = "loket"\n'
+        f'password = "pw"\ninbound_secret = "{KANNEL_SECRET}"\n'
+    )
+    env = clean_env(tmp_path / "data", free_port(), LOKET_CONFIG=str(config))
+    one_line_error(loket(env, "up", "--demo"), "--demo", "sms")
+    assert not (tmp_path / "data" / "postgres").exists()
 
 
 @pytest.mark.slow

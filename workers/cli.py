@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import IO
 
 import uvicorn
 
@@ -84,39 +85,54 @@ async def _serve_http(rt, supervisor, stop: asyncio.Event) -> None:  # type: ign
 
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal closed. The embedded broker runs in a process group of its own,
+    # out of the terminal's reach, so loket must stop it on its way out.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 
 
-def refuse_second_start(settings: Settings) -> None:
-    """ConfigError when a `loket up` already runs from this data directory, or when the HTTP
-    address is taken: said before anything is started, not as a traceback after."""
+def refuse_second_start(settings: Settings) -> IO[str]:
+    """Take the data directory's lock, and check that the HTTP address is free: a second
+    `loket up` is refused in one line before anything is started. Returns the lock to hold."""
     from workers.runtime import installation
 
-    found = installation.running(settings.data_dir)
-    if found is not None:
-        raise ConfigError(
-            f"loket is already running from {settings.data_dir} (pid {found.pid},"
-            f" {found.http_url}): stop it first, or give this one another LOKET_DATA_DIR"
-        )
+    lock = installation.hold(settings.data_dir)
     host, port = settings.host_port()
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
+            lock.close()
             raise ConfigError(
                 f"LOKET_HTTP_ADDR {host}:{port} cannot be used ({exc.strerror}): another program"
                 " listens there; stop it, or set LOKET_HTTP_ADDR to a free address"
             ) from None
+    return lock
+
+
+def settings_channels_outbound(settings: Settings) -> list[str]:
+    """The outbound channels the configuration has accounts for."""
+    from channels.types import OUTBOUND_CHANNELS
+    from workers.runtime.settings import load_channels
+
+    return [c for c, entries in load_channels(settings.config).items()
+            if entries and c in OUTBOUND_CHANNELS]  # fmt: skip
 
 
 async def run_up(settings: Settings, demo: bool) -> None:
     from workers.runtime import installation
     from workers.runtime.supervisor import Supervisor, all_tasks, open_runtime
 
-    refuse_second_start(settings)
+    lock = refuse_second_start(settings)  # held until this process ends
+    if demo and any(settings_channels_outbound(settings)):
+        lock.close()
+        raise ConfigError(
+            "--demo is for trying loket without channels, but LOKET_CONFIG names accounts of"
+            f" {', '.join(settings_channels_outbound(settings))}: demo replies could reach them;"
+            " start without --demo, or without LOKET_CONFIG"
+        )
     async with open_runtime(settings) as rt:
         supervisor = Supervisor()
         _install_signals(supervisor.stop)
@@ -139,13 +155,14 @@ async def run_up(settings: Settings, demo: bool) -> None:
         if demo:
             asyncio.create_task(demo_tools.run_demo(rt))
         installation.announce(settings.data_dir, installation.Installation(
-            pid=os.getpid(), database_url=rt.database_url, kafka_bootstrap=rt.bootstrap,
-            http_url=f"http://{host}:{port}/", started_at=time.time(),
+            pid=os.getpid(), kafka_bootstrap=rt.bootstrap, http_url=f"http://{host}:{port}/",
+            database_url=rt.database_url if "database" in rt.started else "",
+            started_at=time.time(),
         ))  # fmt: skip
         try:
             await supervisor.run(tasks)
         finally:
-            installation.withdraw(settings.data_dir, os.getpid())
+            installation.withdraw(settings.data_dir)
     print("loket stopped")
 
 
@@ -192,9 +209,12 @@ async def database_url(settings: Settings) -> AsyncIterator[str]:
     the data directory, started for this command (before the first `loket up`)."""
     from workers.runtime import installation
 
+    if settings.database_url:
+        yield settings.database_url
+        return
     running = installation.running(settings.data_dir)
-    if settings.database_url or running is not None:
-        yield settings.database_url or running.database_url  # type: ignore[union-attr]
+    if running is not None:
+        yield installation.attach(settings, broker=False).database_url or ""
         return
     from workers.runtime.embedded import EmbeddedPostgres
 

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def ops_console() -> Any:
-    """A rich console at the terminal's width, or one wide enough that a pipe or a file gets
-    whole columns (rich falls back to 80 characters without a terminal)."""
+    """A rich console at the terminal's width, or, for a pipe or a file, one wide enough for
+    whole cells (rich falls back to 80 characters without a terminal; tables take only the
+    width their cells need)."""
     import shutil
     import sys
 
@@ -28,7 +29,7 @@ def ops_console() -> Any:
 
     if sys.stdout.isatty():
         return Console()
-    return Console(width=max(shutil.get_terminal_size((240, 24)).columns, 240))
+    return Console(width=max(shutil.get_terminal_size((1000, 24)).columns, 1000))
 
 
 @contextlib.asynccontextmanager

@@ -317,10 +317,10 @@ def _stage_statuses(view: KafkaView, stages: dict[str, str]) -> list[StageStatus
 
 
 def sample_interval_for(stall_seconds: float) -> float:
-    """How often the running installation samples its stages: four times per stall limit,
-    at most every 30 s (each sample opens its own connections to the broker, which an idle
+    """How often the running installation samples its stages: twice per stall limit, at most
+    every minute (each sample opens its own connections to the broker, which an idle
     installation should not do every few seconds)."""
-    return min(30.0, max(1.0, stall_seconds / 4))
+    return min(60.0, max(1.0, stall_seconds / 2))
 
 
 async def watch_stages(

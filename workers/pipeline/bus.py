@@ -44,10 +44,11 @@ FETCH_MAX_WAIT_MS = 50
 # way to a ticket (normalizer, ticketing) LIVE_IDLE_FETCH_MAX_WAIT_MS, so the first message
 # after a quiet spell is stored within a second; the delivery stages REPLY_IDLE_FETCH_MAX_WAIT_MS
 # (an agent's reply after a quiet spell); the rest (receipts, suggestions, OCR)
-# IDLE_FETCH_MAX_WAIT_MS. The first record read brings a stage back to FETCH_MAX_WAIT_MS.
+# IDLE_FETCH_MAX_WAIT_MS, well inside `stage.ASSIGN_TIMEOUT`: the broker answers a
+# connection's requests in order, so a held fetch delays a rebalance's offset lookups. The first record read brings a stage back to FETCH_MAX_WAIT_MS.
 LIVE_IDLE_FETCH_MAX_WAIT_MS = 1000
 REPLY_IDLE_FETCH_MAX_WAIT_MS = 3000
-IDLE_FETCH_MAX_WAIT_MS = 10000
+IDLE_FETCH_MAX_WAIT_MS = 5000
 IDLE_AFTER_SECONDS = 5.0
 # The largest record loket writes: Kafka's default limit (message.max.bytes, about 1 MiB).
 MAX_RECORD_BYTES = 1024 * 1024

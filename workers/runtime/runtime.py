@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from channels.base import Context
 from channels.blobs import DiskBlobStore
 from channels.email.smtp import EmailAccount
+from channels.types import CHANNELS
 from ticketing.rules import TicketRules
 from workers.pipeline import bus
 from workers.pipeline.stage import Stage
@@ -208,7 +209,7 @@ def _parse_account(channel: str, entry: dict[str, Any]) -> None:
         if adapter is None:
             raise ValueError(f"unknown provider {entry.get('provider')!r}")
         adapter.account(entry)
-    else:
+    elif channel not in CHANNELS:
         log.warning("channels.%s in the configuration is no channel loket knows; ignored", channel)
 
 

@@ -12,6 +12,7 @@ time until every process of `loket up` is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -66,17 +67,30 @@ def _name(pid: int) -> str:
         return ""
 
 
-def _parts(root: int) -> dict[str, list[int]]:
-    """loket's own process, its broker, and any PostgreSQL process below it (pg_ctl starts
-    the embedded one in a session of its own, so it is not loket's child)."""
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parts(root: int, data_dir: Path) -> dict[str, list[int]]:
+    """loket's process and its children (the broker among them), and the embedded PostgreSQL:
+    pg_ctl starts it in a session of its own, so it is found by its data directory."""
     tree, parts = _children(), {"loket": [root], "broker": [], "postgres": []}
     stack = list(tree.get(root, []))
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
-        name = _name(pid)
-        part = "broker" if "tansu" in name else "postgres" if "postgres" in name else "loket"
-        parts[part].append(pid)
+        parts["broker" if "tansu" in _name(pid) else "loket"].append(pid)
+    marker = str(data_dir).encode()
+    postmasters = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
+                   and _name(int(e.name)) == "postgres" and marker in _cmdline(int(e.name))]  # fmt: skip
+    stack = list(postmasters)
+    while stack:
+        pid = stack.pop()
+        parts["postgres"].append(pid)
+        stack.extend(tree.get(pid, []))
     return parts
 
 
@@ -130,8 +144,11 @@ async def run_idle(seconds: float) -> dict[str, Any]:
         try:
             return await _measure(up, port, Path(data_dir), floor_broker, seconds)
         finally:
-            if up.poll() is None:
-                os.killpg(up.pid, signal.SIGKILL)
+            if up.poll() is None:  # the run failed: nothing of it may outlive the bench
+                for pids in _parts(up.pid, Path(data_dir)).values():
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
             floor_broker.stop()
 
 
@@ -163,7 +180,7 @@ async def _measure(up: subprocess.Popen[bytes], port: int, data_dir: Path,
     await floor_consumer.getmany(timeout_ms=2000)
     try:
         await asyncio.sleep(SETTLE_SECONDS)
-        parts = _parts(up.pid)
+        parts = _parts(up.pid, data_dir)
         assert floor_broker.process is not None
         floor_pid = floor_broker.process.pid
         before, floor_before, started = _cpu_of(parts), _cpu_seconds(floor_pid), time.monotonic()
@@ -179,7 +196,7 @@ async def _measure(up: subprocess.Popen[bytes], port: int, data_dir: Path,
     finally:
         await floor_consumer.stop()
         await floor_producer.stop()
-    everything = [pid for pids in _parts(up.pid).values() for pid in pids]
+    everything = [pid for pids in _parts(up.pid, data_dir).values() for pid in pids]
     stop_started = time.monotonic()
     os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C at a terminal sends to loket's group
     for _ in range(1200):  # 60 s at most
@@ -212,7 +229,7 @@ def format_idle(result: dict[str, Any]) -> str:
     return "\n".join([
         f"loket bench --idle: an embedded `loket up`, left alone for {result['idle_seconds']} s",
         f"  CPU, % of one core:   loket {cpu['loket']}  broker {cpu['broker']}"
-        f"  (together {result['cpu_percent_loket_and_broker']})",
+        f"  (together {result['cpu_percent_loket_and_broker']}; its PostgreSQL {cpu['postgres']})",
         f"  floor:                a bare broker with no client {result['floor_cpu_percent_bare_broker']}",
         f"  first message after {QUIET_SECONDS:.0f} s quiet, raw topic to message row:"
         f" median {result['first_message_median_seconds']} s {result['first_message_seconds']}",

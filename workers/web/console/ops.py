@@ -9,6 +9,7 @@ seconds by the page. `/ops/shunt` lists the shunted records.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,19 +23,38 @@ from workers.runtime import metrics
 from workers.runtime.runtime import Runtime
 from workers.web.api.ops import snapshot
 from workers.web.console.charts import line_chart
-from workers.web.console.common import login_required, render, runtime_of, translator_of, zone_of
+from workers.web.console.common import (
+    login_required,
+    render,
+    runtime_of,
+    session_agent,
+    translator_of,
+    zone_of,
+)
 
 router = APIRouter(include_in_schema=False)
 
-# How often the page fetches the board again.
+# How often the page fetches the board again, and how long one look serves every board.
 REFRESH_SECONDS = 5
+SNAPSHOT_SECONDS = 4.0
 
 
 async def board(request: Request) -> dict[str, Any]:
-    status, history = await snapshot(runtime_of(request))
+    status, history = await _snapshot(request)
     charts = _charts(request, history) if history is not None else {}
     return {"status": status, "charts": charts, "refresh": REFRESH_SECONDS,
             "flow": _flow(status)}  # fmt: skip
+
+
+async def _snapshot(request: Request) -> tuple[Status, dict[str, Any] | None]:
+    """What the board shows, shared by every open board of this process for a few seconds:
+    each look opens connections to the broker, and many tabs must not multiply that."""
+    cached = getattr(request.app.state, "ops_snapshot", None)
+    if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_SECONDS:
+        return cached[1], cached[2]
+    status, history = await snapshot(runtime_of(request))
+    request.app.state.ops_snapshot = (time.monotonic(), status, history)
+    return status, history
 
 
 def _flow(status: Status) -> list[list[Any]]:
@@ -69,7 +89,8 @@ async def ops_page(request: Request) -> HTMLResponse:
 
 @router.get("/ops/board", response_class=HTMLResponse)
 async def ops_board(request: Request) -> HTMLResponse:
-    agent = await login_required(request, "ops.read")
+    # 401 when the session ended: htmx swaps nothing, rather than a login page into the board.
+    agent = await session_agent(request, "ops.read")
     return render(request, "_ops_board.html", await board(request), agent=agent)
 
 
@@ -87,11 +108,14 @@ async def shunt_page(request: Request) -> HTMLResponse:
 
 async def pipeline_alerts(rt: Runtime, conn: Any) -> list[dict[str, Any]]:
     """What the queue shows above the tickets: channel accounts down, stages stalled (those of
-    this process; `/ops` shows every process's)."""
+    this process; `/ops` shows every process's). An account no longer configured is left out.
+    """
+    configured = {c: {e["name"] for e in entries} for c, entries in rt.channels.items()}
     alerts: list[dict[str, Any]] = [
         {"kind": "channel", "channel": row["channel"], "account": row["account"],
          "last_ok": row["last_ok_at"], "error": row["last_error"]}
-        for row in await ops_reads.channel_health(conn) if row["state"] == "down"
+        for row in await ops_reads.channel_health(conn)
+        if row["state"] == "down" and row["account"] in configured.get(row["channel"], ())
     ]  # fmt: skip
     for stage, seconds in sorted(metrics.stalled_stages(rt.settings.stall_seconds).items()):
         alerts.append({"kind": "stage", "stage": stage, "seconds": round(seconds)})

@@ -83,7 +83,7 @@ async def queue(request: Request, page: int = 0, partial: str = "") -> HTMLRespo
 
 
 # Put on every console's queue at shutdown: the stream ends.
-CLOSING = b"".join([b"closing"])  # its own object: `is` tells it from any event
+CLOSING = bytes(bytearray(b"closing"))  # a new object: `is` tells it from any event
 
 
 class EventFanout:
