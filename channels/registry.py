@@ -109,6 +109,17 @@ def of_entry(channel: str, entry: dict[str, Any]) -> Adapter[Any] | None:
     return None
 
 
+def account_of(channel: str, entry: dict[str, Any]) -> tuple[Adapter[Any], Any]:
+    """The adapter of a `[[channels.<channel>]]` entry and the account parsed from it;
+    ValueError naming the entry when no adapter owns it or its adapter refuses it."""
+    found = of_entry(channel, entry)
+    if found is None:
+        raise ValueError(
+            f"channels.{channel} {entry.get('name')!r}: unknown provider {entry.get('provider')!r}"
+        )
+    return found, found.account(entry)
+
+
 def accounts(adapter: Adapter[Any], channels: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The configured accounts of `adapter`, by name, parsed and checked."""
     entries = [e for e in channels.get(adapter.channel, []) if adapter.owns(e)]

@@ -126,11 +126,12 @@ async def run_up(settings: Settings, demo: bool) -> None:
     from workers.runtime.supervisor import Supervisor, all_tasks, open_runtime
 
     lock = refuse_second_start(settings)  # held until this process ends
-    if demo and any(settings_channels_outbound(settings)):
+    outbound = settings_channels_outbound(settings) if demo else []
+    if outbound:
         lock.close()
         raise ConfigError(
             "--demo is for trying loket without channels, but LOKET_CONFIG names accounts of"
-            f" {', '.join(settings_channels_outbound(settings))}: demo replies could reach them;"
+            f" {', '.join(outbound)}: demo replies could reach them;"
             " start without --demo, or without LOKET_CONFIG"
         )
     async with open_runtime(settings) as rt:

@@ -45,7 +45,8 @@ FETCH_MAX_WAIT_MS = 50
 # after a quiet spell is stored within a second; the delivery stages REPLY_IDLE_FETCH_MAX_WAIT_MS
 # (an agent's reply after a quiet spell); the rest (receipts, suggestions, OCR)
 # IDLE_FETCH_MAX_WAIT_MS, well inside `stage.ASSIGN_TIMEOUT`: the broker answers a
-# connection's requests in order, so a held fetch delays a rebalance's offset lookups. The first record read brings a stage back to FETCH_MAX_WAIT_MS.
+# connection's requests in order, so a held fetch delays a rebalance's offset lookups.
+# The first record read brings a stage back to FETCH_MAX_WAIT_MS.
 LIVE_IDLE_FETCH_MAX_WAIT_MS = 1000
 REPLY_IDLE_FETCH_MAX_WAIT_MS = 3000
 IDLE_FETCH_MAX_WAIT_MS = 5000
@@ -143,7 +144,8 @@ async def start_producer(bootstrap: str, *, idempotence: bool = True) -> AIOKafk
     # once below in words, so the sender's log is quiet while the producer starts.
     sender_log = logging.getLogger("aiokafka.producer.sender")
     level = sender_log.level
-    sender_log.setLevel(logging.CRITICAL)
+    if idempotence:
+        sender_log.setLevel(logging.CRITICAL)
     try:
         await producer.start()
     except BrokerResponseError as exc:

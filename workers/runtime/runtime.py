@@ -71,7 +71,7 @@ class Runtime:
 
             self._senders = all_senders(self)
             if self.demo is not None:
-                self._senders.update(self.demo.senders(self._senders))
+                self._senders.update(self.demo.senders())
         return self._senders
 
     def stage_task(
@@ -205,10 +205,7 @@ def _parse_account(channel: str, entry: dict[str, Any]) -> None:
 
         fax_setup(entry)
     elif registry.adapters(channel):
-        adapter = registry.of_entry(channel, entry)
-        if adapter is None:
-            raise ValueError(f"unknown provider {entry.get('provider')!r}")
-        adapter.account(entry)
+        registry.account_of(channel, entry)
     elif channel not in CHANNELS:
         log.warning("channels.%s in the configuration is no channel loket knows; ignored", channel)
 

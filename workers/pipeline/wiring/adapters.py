@@ -38,15 +38,8 @@ MAX_BACKOFF_SECONDS = 60.0
 
 def channel_accounts(rt: Runtime, channel: str) -> dict[str, tuple[Adapter[Any], Any]]:
     """Every account of `channel` by name, with the adapter of its provider."""
-    found: dict[str, tuple[Adapter[Any], Any]] = {}
-    for entry in rt.channels.get(channel, []):
-        adapter = registry.of_entry(channel, entry)
-        if adapter is None:
-            raise ValueError(
-                f"channels.{channel} {entry.get('name')!r}: unknown provider {entry.get('provider')!r}"
-            )
-        found[entry["name"]] = (adapter, adapter.account(entry))
-    return found
+    return {entry["name"]: registry.account_of(channel, entry)
+            for entry in rt.channels.get(channel, [])}  # fmt: skip
 
 
 def senders(rt: Runtime) -> dict[str, Sender]:

@@ -4,7 +4,8 @@ With `--demo`, each channel has a demo account (`demo-email`, `demo-sms`, ...). 
 never leaves the process: the sink takes it (`sent`), reports it `delivered` a moment later
 through the receipts topic as a provider would, and a few seconds after that the person
 answers on the same channel, through that channel's real inbound path, so the answer lands
-on the same ticket. Replies on the accounts of a real configuration go out as always.
+on the same ticket. `loket up --demo` refuses a configuration with outbound accounts, so
+every reply on these channels is the demo's.
 """
 
 from __future__ import annotations
@@ -46,18 +47,15 @@ class DemoSinks:
     def account_names(self) -> dict[str, list[str]]:
         return {channel: [name] for channel, name in inbound.ACCOUNT_NAMES.items()}
 
-    def senders(self, configured: dict[str, Sender]) -> dict[str, Sender]:
-        """A sender per channel: the sink for its demo account, the configured one otherwise."""
-        return {channel: self._sender(channel, configured.get(channel))
-                for channel in inbound.ACCOUNT_NAMES}  # fmt: skip
+    def senders(self) -> dict[str, Sender]:
+        """The sink of each demo channel, as its delivery stage's sender."""
+        return {channel: self._sender(channel) for channel in inbound.ACCOUNT_NAMES}
 
-    def _sender(self, channel: str, configured: Sender | None) -> Sender:
+    def _sender(self, channel: str) -> Sender:
         async def send(reply: OutboundReply) -> DeliveryResult:
-            if reply.account == inbound.ACCOUNT_NAMES[channel]:
-                return self.take(reply)
-            if configured is None:
+            if reply.account != inbound.ACCOUNT_NAMES[channel]:
                 raise ChannelError(f"no {channel} account named {reply.account!r}", permanent=True)
-            return await configured(reply)
+            return self.take(reply)
 
         return send
 
